@@ -1,0 +1,52 @@
+# The study's commands. `make help` lists them; every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export KERAS_HOME ?= $(CURDIR)/.cache/keras
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help setup lock data test test-fast lint train clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## Virtual environment with the pinned packages (requirements.lock)
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+lock: ## Re-pin requirements.lock from pyproject.toml (needs the package registry)
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	.lock-venv/bin/pip freeze --exclude-editable > requirements.lock && rm -rf .lock-venv
+
+data: setup ## Install Fashion-MNIST (Debian's dataset-fashion-mnist where apt works, else download)
+	@if $(PY) -m study data --no-download >/dev/null 2>&1; then $(PY) -m study data --no-download; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; \
+	  $(PY) -m study data --no-download; \
+	else $(PY) -m study data; fi
+
+test: setup data lint ## All tests, slow ones included (what CI runs)
+	$(PY) -m pytest
+
+test-fast: setup ## The fast tests only (no Fashion-MNIST training, no servers)
+	$(PY) -m pytest -m "not slow"
+
+lint: setup ## ruff
+	$(VENV)/bin/ruff check study tests
+
+train: setup data ## One trial: make train ARGS="--set activation.p=0.5 --set model.arch=cnn"
+	$(PY) -m study train $(ARGS)
+
+clean: ## Remove caches and run outputs (keeps the virtual environment)
+	rm -rf .cache runs .pytest_cache .ruff_cache

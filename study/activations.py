@@ -1,0 +1,258 @@
+"""The sigmoid-or-binary activation: a stochastic binary unit trained through a sigmoid surrogate.
+
+With x the pre-activation, s > 0 the slope, c >= 1 the saturation (cutoff) and p in [0, 1]:
+
+    sat(x)  = clip(c * sigmoid(s x) - (c - 1) / 2, 0, 1)    c = 1: sigmoid(s x); c = 1.2: Kaiser & Bengio
+    hard(x) = 1[x > 0]                                        (0 at x == 0)
+
+    training:  z = x + noise_std * N(0, 1)
+               B ~ Bernoulli(p), one coin per batch | per example | per unit ("granularity")
+               y = B * hard(z) + (1 - B) * sat(z)
+               dy/dx := g(z), whatever B was (a straight-through estimator), with g the surrogate:
+                 "sigmoid"       g = sat'(z) = c s sigmoid(s z) (1 - sigmoid(s z)) where |z| < T, else 0
+                 "ste"           g = 1[|z| <= 1]            (larq SteHeaviside)
+                 "hard_sigmoid"  g = 0.5 * 1[|z| <= 1]      (BNN binary sigmoid, Courbariaux et al. 2016)
+    evaluation: y = hard(x) (eval_mode "binary") or sat(x) (eval_mode "soft"); no noise, no coin.
+
+T = ln((c + 1) / (c - 1)) / s is where sat saturates (ln 11 = 2.398 for c = 1.2, s = 1; infinite for
+c = 1). p = 0 is an ordinary saturating-sigmoid unit, p = 1 a deterministic sigmoid-adjusted
+straight-through estimator. With surrogate "ste" or "hard_sigmoid" and p = 1 the op is exactly the larq
+and BNN quantizer; with p < 1 their soft branch is still sat(z).
+
+References: Stack Overflow question 62379895 ("different forward and backward propagation in
+TensorFlow 2 and Keras"), whose `sigmoid_or_bin` this generalises; Kaiser & Bengio 2018, "Discrete
+autoencoders for sequence models" (improved semantic hashing, tensor2tensor `discretization.py`);
+larq `quantizers.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+GRANULARITIES = ("batch", "example", "unit")
+SURROGATES = ("sigmoid", "ste", "hard_sigmoid")
+EVAL_MODES = ("binary", "soft")
+
+
+def saturation_threshold(slope: float, cutoff: float) -> float:
+    """|x| from which sat(x) is clipped to 0 or 1: ln((c + 1) / (c - 1)) / s (infinite for c = 1)."""
+    if cutoff == 1:
+        return math.inf
+    return math.log((cutoff + 1) / (cutoff - 1)) / slope
+
+
+def hard(x: tf.Tensor) -> tf.Tensor:
+    """The hard 0/1 step 1[x > 0]."""
+    return tf.cast(x > 0, x.dtype)
+
+
+def saturating_sigmoid(x: tf.Tensor, slope: float = 1.0, cutoff: float = 1.0) -> tf.Tensor:
+    """sat(x) = clip(c * sigmoid(s x) - (c - 1) / 2, 0, 1)."""
+    return _saturate(tf.sigmoid(_scaled(x, slope)), cutoff)
+
+
+def surrogate_gradient(
+    x: tf.Tensor, *, slope: float = 1.0, cutoff: float = 1.0, surrogate: str = "sigmoid"
+) -> tf.Tensor:
+    """The surrogate g(x) that the backward pass uses in place of dy/dx (see the module docstring)."""
+    check_options(slope=slope, cutoff=cutoff, surrogate=surrogate)
+    x = tf.convert_to_tensor(x)
+    sig = tf.sigmoid(_scaled(x, slope)) if surrogate == "sigmoid" else None
+    return _surrogate_times(tf.ones_like(x), x, sig, slope, cutoff, surrogate)
+
+
+def check_options(
+    *,
+    p: float | None = None,
+    slope: float = 1.0,
+    cutoff: float = 1.0,
+    granularity: str = "batch",
+    noise_std: float = 0.0,
+    surrogate: str = "sigmoid",
+    eval_mode: str = "binary",
+) -> None:
+    """Raise ValueError naming the first option that is out of range."""
+    if p is not None and not isinstance(p, tf.Tensor) and not 0 <= p <= 1:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    if not slope > 0:
+        raise ValueError(f"slope must be > 0, got {slope}")
+    if not cutoff >= 1:
+        raise ValueError(f"cutoff must be >= 1, got {cutoff}")
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    for name, value, allowed in (
+        ("granularity", granularity, GRANULARITIES),
+        ("surrogate", surrogate, SURROGATES),
+        ("eval_mode", eval_mode, EVAL_MODES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def sigmoid_or_binary(
+    x,
+    *,
+    p,
+    slope: float = 1.0,
+    cutoff: float = 1.0,
+    granularity: str = "batch",
+    noise_std: float = 0.0,
+    surrogate: str = "sigmoid",
+    training=True,
+    eval_mode: str = "binary",
+    seed=None,
+) -> tf.Tensor:
+    """Hard 0/1 with probability p, else sat(x), backpropagated through the surrogate g.
+
+    The formulas are in the module docstring. `p` is a float or a scalar tensor (a schedule).
+    `seed` is a `keras.random.SeedGenerator` (a fresh draw per call, reproducible from its seed, and
+    what the layer uses), an int (the same draw at every call) or None (Keras' global generator, eager
+    only). `training` is a Python bool (None means False) or a boolean tensor.
+    """
+    check_options(
+        p=p, slope=slope, cutoff=cutoff, granularity=granularity,
+        noise_std=noise_std, surrogate=surrogate, eval_mode=eval_mode,
+    )
+    x = tf.convert_to_tensor(x)
+
+    def train_branch():
+        z = x
+        if noise_std > 0:
+            z = z + noise_std * keras.random.normal(tf.shape(x), dtype=x.dtype, seed=seed)
+        return _coin_op(z, _draw_coin(z, p, granularity, seed), slope, cutoff, surrogate)
+
+    def eval_branch():
+        return hard(x) if eval_mode == "binary" else saturating_sigmoid(x, slope, cutoff)
+
+    if isinstance(training, (tf.Tensor, tf.Variable)):
+        return tf.cond(training, train_branch, eval_branch)
+    return train_branch() if training else eval_branch()
+
+
+def _scaled(x: tf.Tensor, slope: float) -> tf.Tensor:
+    return x if slope == 1 else x * slope
+
+
+def _saturate(sig: tf.Tensor, cutoff: float) -> tf.Tensor:
+    if cutoff == 1:
+        return sig
+    return tf.clip_by_value(cutoff * sig - (cutoff - 1) / 2, 0.0, 1.0)
+
+
+def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
+    """B ~ Bernoulli(p) as a boolean tensor broadcastable to z, or a Python bool when p is 0 or 1."""
+    if not isinstance(p, tf.Tensor) and p in (0, 1):
+        return bool(p)
+    if granularity == "batch":
+        shape = []
+    elif granularity == "example":
+        shape = tf.concat([tf.shape(z)[:1], tf.ones([tf.rank(z) - 1], tf.int32)], axis=0)
+    else:
+        shape = tf.shape(z)
+    return keras.random.uniform(shape, dtype=z.dtype, seed=seed) < tf.cast(p, z.dtype)
+
+
+def _surrogate_times(dy, z, sig, slope: float, cutoff: float, surrogate: str) -> tf.Tensor:
+    """dy * g(z), given sig = sigmoid(s z) from the forward pass (unused by "ste"/"hard_sigmoid")."""
+    if surrogate == "sigmoid":
+        grad = tf.raw_ops.SigmoidGrad(y=sig, dy=dy)  # dy * sig * (1 - sig), one fused kernel
+        if slope * cutoff != 1:
+            grad = grad * (slope * cutoff)
+        if cutoff > 1:
+            grad = tf.where(tf.abs(z) < saturation_threshold(slope, cutoff), grad, tf.zeros_like(grad))
+        return grad
+    inside = tf.abs(z) <= 1
+    return tf.where(inside, dy if surrogate == "ste" else 0.5 * dy, tf.zeros_like(dy))
+
+
+def _coin_op(z: tf.Tensor, coin, slope: float, cutoff: float, surrogate: str) -> tf.Tensor:
+    """y = where(coin, hard(z), sat(z)) with the analytic surrogate gradient; the coin is closed over."""
+    needs_sigmoid = surrogate == "sigmoid" or coin is not True
+
+    @tf.custom_gradient
+    def op(z):
+        sig = tf.sigmoid(_scaled(z, slope)) if needs_sigmoid else None
+        if coin is True:
+            y = hard(z)
+        elif coin is False:
+            y = _saturate(sig, cutoff)
+        else:
+            y = tf.where(coin, hard(z), _saturate(sig, cutoff))
+
+        def grad(dy):
+            return _surrogate_times(dy, z, sig, slope, cutoff, surrogate)
+
+        return y, grad
+
+    return op(z)
+
+
+@keras.saving.register_keras_serializable(package="study")
+class SigmoidOrBinary(keras.layers.Layer):
+    """Keras layer of `sigmoid_or_binary` (formulas in the module docstring).
+
+    `call(x, training)` trains with the coin and the surrogate gradient and evaluates with `eval_mode`.
+    With `p_ramp_steps = N > 0`, p is ramped linearly from 0 to `p` over the first N training calls
+    (the semantic-hashing schedule); the step counter is layer state, saved with the model.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        slope: float = 1.0,
+        cutoff: float = 1.0,
+        granularity: str = "batch",
+        noise_std: float = 0.0,
+        surrogate: str = "sigmoid",
+        eval_mode: str = "binary",
+        p_ramp_steps: int = 0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_options(
+            p=p, slope=slope, cutoff=cutoff, granularity=granularity,
+            noise_std=noise_std, surrogate=surrogate, eval_mode=eval_mode,
+        )
+        if p_ramp_steps < 0:
+            raise ValueError(f"p_ramp_steps must be >= 0, got {p_ramp_steps}")
+        self.p, self.slope, self.cutoff = float(p), float(slope), float(cutoff)
+        self.granularity, self.noise_std = granularity, float(noise_std)
+        self.surrogate, self.eval_mode = surrogate, eval_mode
+        self.p_ramp_steps, self.seed = int(p_ramp_steps), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.steps = None
+        if self.p_ramp_steps:
+            self.steps = self.add_weight(
+                shape=(), initializer="zeros", dtype="int64", trainable=False,
+                aggregation="only_first_replica", name="steps",
+            )
+
+    def call(self, x, training=None):
+        if isinstance(training, (tf.Tensor, tf.Variable)):
+            return tf.cond(training, lambda: self.call(x, True), lambda: self.call(x, False))
+        p = self.p
+        if training and self.steps is not None:
+            self.steps.assign_add(1)
+            ramp = tf.minimum(tf.cast(self.steps.value, "float32") / self.p_ramp_steps, 1.0)
+            p = self.p * ramp
+        return sigmoid_or_binary(
+            x, p=p, slope=self.slope, cutoff=self.cutoff, granularity=self.granularity,
+            noise_std=self.noise_std, surrogate=self.surrogate, training=training,
+            eval_mode=self.eval_mode, seed=self.seed_generator,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "p": self.p, "slope": self.slope, "cutoff": self.cutoff,
+            "granularity": self.granularity, "noise_std": self.noise_std,
+            "surrogate": self.surrogate, "eval_mode": self.eval_mode,
+            "p_ramp_steps": self.p_ramp_steps, "seed": self.seed,
+        }

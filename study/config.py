@@ -1,0 +1,266 @@
+"""The trial config: one typed, frozen structure with a flat dotted form.
+
+The flat form (`activation.p`, `model.arch`, `seed`, ...) is what sweep specs, Ray configs, MLflow params
+and the analysis' `params.*` columns all use. Keys that do not apply to the chosen architecture,
+activation kind or optimiser are left out of it, and setting one is an error, as is an unknown key, a
+wrong type or an out-of-range value; every error names the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a trial config; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["fashion_mnist", "digits", "synthetic"] = "fashion_mnist"
+    val_fraction: float = 0.1  # fixed, seeded validation split taken from the training set
+    train_size: int = 0  # > 0: a seeded subset of the remaining training set (smoke runs)
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["mlp", "cnn", "gated", "bottleneck"] = "mlp"
+    widths: tuple[int, ...] = (256, 128)  # mlp/gated hidden layers, bottleneck encoder
+    filters: tuple[int, ...] = (32, 64)  # cnn conv blocks
+    dense_width: int = 128  # cnn hidden dense layer
+    code_bits: int = 64  # bottleneck code length
+    batch_norm: bool = False  # batch norm before every activation
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    kind: Literal["sigmoid_or_binary", "sigmoid", "relu"] = "sigmoid_or_binary"
+    p: float = 0.5
+    slope: float = 1.0
+    cutoff: float = 1.0
+    granularity: Literal["batch", "example", "unit"] = "batch"
+    noise_std: float = 0.0
+    surrogate: Literal["sigmoid", "ste", "hard_sigmoid"] = "sigmoid"
+    eval_mode: Literal["binary", "soft"] = "binary"
+    p_ramp_steps: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    epochs: int = 10
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int = 0  # TensorFlow intra- and inter-op threads; 0: TensorFlow's default
+    jit_compile: bool = False  # XLA-compile the training step
+
+
+# Keys that exist only for some values of another key: {dotted key: (selector key, allowed values)}.
+_CONDITIONAL: dict[str, tuple[str, frozenset]] = {
+    "model.widths": ("model.arch", frozenset({"mlp", "gated", "bottleneck"})),
+    "model.filters": ("model.arch", frozenset({"cnn"})),
+    "model.dense_width": ("model.arch", frozenset({"cnn"})),
+    "model.code_bits": ("model.arch", frozenset({"bottleneck"})),
+    "optim.momentum": ("optim.name", frozenset({"sgd"})),
+    **{
+        f"activation.{name}": ("activation.kind", frozenset({"sigmoid_or_binary"}))
+        for name in ActivationConfig.__dataclass_fields__
+        if name != "kind"
+    },
+}
+
+_positive = (lambda v: v > 0, "must be > 0")
+_at_least_1 = (lambda v: v >= 1, "must be >= 1")
+_non_negative = (lambda v: v >= 0, "must be >= 0")
+_all_at_least_1 = (lambda v: len(v) > 0 and min(v) >= 1, "must be a non-empty list of integers >= 1")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.val_fraction": (lambda v: 0 < v <= 0.5, "must be in (0, 0.5]"),
+    "data.train_size": _non_negative,
+    "data.split_seed": _non_negative,
+    "model.widths": _all_at_least_1,
+    "model.filters": _all_at_least_1,
+    "model.dense_width": _at_least_1,
+    "model.code_bits": _at_least_1,
+    "activation.p": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "activation.slope": _positive,
+    "activation.cutoff": (lambda v: v >= 1, "must be >= 1"),
+    "activation.noise_std": _non_negative,
+    "activation.p_ramp_steps": _non_negative,
+    "optim.lr": _positive,
+    "optim.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "budget.epochs": _at_least_1,
+    "budget.batch_size": _at_least_1,
+    "runtime.threads": _non_negative,
+    "seed": _non_negative,
+}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial depends on. Build it with `from_flat`; read it with `to_flat`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        for key, value in _all_items(self).items():
+            _check_type(key, value, _ANNOTATIONS[key])
+            check, message = _RANGES.get(key, (lambda v: True, ""))
+            if not check(value):
+                raise ConfigError(f"{key} = {_show(value)}: {message}")
+
+    def to_flat(self) -> dict[str, Any]:
+        """The dotted keys that apply to this config, in declaration order."""
+        items = _all_items(self)
+        return {k: v for k, v in items.items() if _applies(k, items)}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], base: TrialConfig | None = None) -> TrialConfig:
+        """`base` (default: the defaults) with the dotted keys of `flat` set, checked strictly."""
+        items = _all_items(base or cls())
+        for key, value in flat.items():
+            if key not in items:
+                raise ConfigError(f"{key}: unknown key{_did_you_mean(key, items)}")
+            items[key] = _coerce(key, value, _ANNOTATIONS[key])
+        for key in flat:
+            if not _applies(key, items):
+                selector, allowed = _CONDITIONAL[key]
+                raise ConfigError(
+                    f"{key} does not apply when {selector} = {items[selector]} "
+                    f"(only for {', '.join(sorted(allowed))})"
+                )
+        sections = {
+            name: section(**{n: items[f"{name}.{n}"] for n in section.__dataclass_fields__})
+            for name, section in _SECTIONS.items()
+        }
+        return cls(**sections, seed=items["seed"])
+
+    def replace(self, **flat: Any) -> TrialConfig:
+        """A copy with dotted keys changed, e.g. `cfg.replace(**{"activation.p": 1.0})`."""
+        return TrialConfig.from_flat(flat, base=self)
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """`["activation.p=0.5", "model.widths=[64,32]"]` -> a flat dict; values are read as JSON
+    where they parse (numbers, booleans, lists) and as strings otherwise."""
+    flat = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{assignment!r}: expected KEY=VALUE, e.g. activation.p=0.5")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        flat[key.strip()] = value
+    return flat
+
+
+def flat_to_strings(flat: Mapping[str, Any]) -> dict[str, str]:
+    """The flat config as strings (MLflow params): lists as JSON, booleans as true/false."""
+    return {k: v if isinstance(v, str) else json.dumps(list(v) if isinstance(v, tuple) else v)
+            for k, v in flat.items()}
+
+
+_SECTIONS = {
+    f.name: f.default_factory for f in dataclasses.fields(TrialConfig) if f.name != "seed"
+}
+
+
+def _annotations() -> dict[str, Any]:
+    out = {}
+    for name, section in _SECTIONS.items():
+        hints = typing.get_type_hints(section)
+        out.update({f"{name}.{k}": hints[k] for k in section.__dataclass_fields__})
+    out["seed"] = int
+    return out
+
+
+_ANNOTATIONS = _annotations()
+
+
+def _all_items(config: TrialConfig) -> dict[str, Any]:
+    items = {}
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        items.update({f"{name}.{k}": getattr(section, k) for k in section.__dataclass_fields__})
+    items["seed"] = config.seed
+    return items
+
+
+def _applies(key: str, items: Mapping[str, Any]) -> bool:
+    if key not in _CONDITIONAL:
+        return True
+    selector, allowed = _CONDITIONAL[key]
+    return items[selector] in allowed
+
+
+def _show(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    if typing.get_origin(annotation) is tuple:
+        return "a list of integers"
+    return {int: "an integer", float: "a number", bool: "true or false"}[annotation]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """value converted to the annotated type where that loses nothing (int -> float, list -> tuple)."""
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typing.get_origin(annotation) is tuple and isinstance(value, list):
+        value = tuple(value)
+    _check_type(key, value, annotation)
+    return value
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        ok = isinstance(value, str) and value in typing.get_args(annotation)
+    elif origin is tuple:
+        ok = isinstance(value, tuple) and all(_is_int(v) for v in value)
+    elif annotation is int:
+        ok = _is_int(value)
+    elif annotation is float:
+        ok = isinstance(value, float)
+    elif annotation is bool:
+        ok = isinstance(value, bool)
+    else:  # pragma: no cover - a field type this module does not handle
+        raise TypeError(f"{key}: unsupported annotation {annotation}")
+    if not ok:
+        raise ConfigError(f"{key} = {_show(value)}: expected {_type_name(annotation)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+

@@ -1,0 +1,72 @@
+"""The typed trial config and its flat dotted form."""
+
+import pytest
+
+from study.config import ConfigError, TrialConfig, flat_to_strings, parse_assignments
+
+
+def test_flat_round_trip():
+    config = TrialConfig.from_flat({"model.arch": "bottleneck", "model.code_bits": 32,
+                                    "activation.p": 1, "optim.name": "sgd", "seed": 3})
+    flat = config.to_flat()
+    assert flat["activation.p"] == 1.0 and isinstance(flat["activation.p"], float)
+    assert flat["model.code_bits"] == 32 and flat["optim.momentum"] == 0.9
+    assert TrialConfig.from_flat(flat) == config
+
+
+def test_keys_that_do_not_apply_are_left_out_of_the_flat_form():
+    flat = TrialConfig.from_flat({"model.arch": "cnn", "activation.kind": "relu"}).to_flat()
+    assert "model.filters" in flat and "model.widths" not in flat and "model.code_bits" not in flat
+    assert "activation.p" not in flat and "optim.momentum" not in flat
+
+
+@pytest.mark.parametrize("flat,message", [
+    ({"activation.pp": 0.5}, r"activation.pp: unknown key \(did you mean activation.p\?\)"),
+    ({"p": 0.5}, "p: unknown key"),
+    ({"activation.p": 1.5}, r"activation.p = 1.5: must be in \[0, 1\]"),
+    ({"activation.p": -0.1}, "activation.p"),
+    ({"activation.slope": 0}, "activation.slope = 0.0: must be > 0"),
+    ({"activation.slope": -2.0}, "activation.slope"),
+    ({"activation.cutoff": 0.5}, "activation.cutoff = 0.5: must be >= 1"),
+    ({"activation.noise_std": -1.0}, "activation.noise_std"),
+    ({"activation.granularity": "row"}, "activation.granularity = \"row\": expected one of"),
+    ({"model.arch": "resnet"}, "model.arch = \"resnet\": expected one of mlp, cnn, gated"),
+    ({"model.widths": []}, "model.widths = \\[\\]: must be a non-empty list"),
+    ({"model.widths": [64, 0]}, "model.widths"),
+    ({"model.widths": "64"}, "model.widths = \"64\": expected a list of integers"),
+    ({"model.batch_norm": 1}, "model.batch_norm = 1: expected true or false"),
+    ({"budget.epochs": 0}, "budget.epochs = 0: must be >= 1"),
+    ({"budget.epochs": 2.5}, "budget.epochs = 2.5: expected an integer"),
+    ({"seed": True}, "seed = true: expected an integer"),
+    ({"optim.lr": "fast"}, "optim.lr = \"fast\": expected a number"),
+    ({"data.val_fraction": 0.9}, "data.val_fraction"),
+    ({"model.code_bits": 16}, "model.code_bits does not apply when model.arch = mlp"),
+    ({"optim.momentum": 0.5}, "optim.momentum does not apply when optim.name = adam"),
+    ({"activation.kind": "relu", "activation.p": 0.5}, "activation.p does not apply"),
+])
+def test_bad_keys_and_values_raise_an_error_naming_the_key(flat, message):
+    with pytest.raises(ConfigError, match=message):
+        TrialConfig.from_flat(flat)
+
+
+def test_direct_construction_is_checked_too():
+    from study.config import ActivationConfig
+
+    with pytest.raises(ConfigError, match="activation.p"):
+        TrialConfig(activation=ActivationConfig(p=2.0))
+
+
+def test_command_line_assignments():
+    flat = parse_assignments(["activation.p=0.5", "model.widths=[64, 32]", "model.arch=cnn",
+                              "model.batch_norm=true"])
+    assert flat == {"activation.p": 0.5, "model.widths": [64, 32], "model.arch": "cnn",
+                    "model.batch_norm": True}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_assignments(["activation.p"])
+
+
+def test_strings_for_mlflow_params_read_back():
+    config = TrialConfig.from_flat({"model.widths": [64, 32], "model.batch_norm": True})
+    strings = flat_to_strings(config.to_flat())
+    assert strings["model.widths"] == "[64, 32]" and strings["model.batch_norm"] == "true"
+    assert TrialConfig.from_flat(parse_assignments(f"{k}={v}" for k, v in strings.items())) == config

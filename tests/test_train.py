@@ -1,0 +1,121 @@
+"""The training loop on the synthetic set: metrics, reproducibility, exact resume, divergence, CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from study.config import TrialConfig
+from study.train import TrialDiverged, train
+
+from .conftest import ROOT
+
+SMALL = {"data.name": "synthetic", "model.widths": [32, 16], "budget.epochs": 3,
+         "budget.batch_size": 64, "activation.cutoff": 1.2}
+PER_EPOCH = {"epoch", "train/loss", "train/accuracy", "val/accuracy_binary", "val/accuracy_soft",
+             "val/binary_gap", "val/accuracy_binary_best", "act/ones_fraction", "act/bit_entropy",
+             "act/saturated_fraction", "act/flip_rate", "time/epoch_s", "time/eval_s"}
+
+
+def small(**flat):
+    return TrialConfig.from_flat({**SMALL, **flat})
+
+
+def test_metrics_per_epoch_and_at_the_end():
+    seen = []
+    result = train(small(), callbacks=[lambda epoch, metrics, state: seen.append(epoch)])
+    assert seen == [1, 2, 3] and [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert all(set(h) == PER_EPOCH for h in result.history)
+    for h in result.history:
+        assert h["val/binary_gap"] == pytest.approx(h["val/accuracy_soft"] - h["val/accuracy_binary"])
+        assert 0 <= h["act/ones_fraction"] <= 1 and 0 <= h["act/bit_entropy"] <= 1
+    best = np.maximum.accumulate([h["val/accuracy_binary"] for h in result.history])
+    np.testing.assert_allclose([h["val/accuracy_binary_best"] for h in result.history], best)
+    assert result.history[-1]["val/accuracy_binary"] > 0.5  # it learns
+    assert set(result.test) == {"test/accuracy_binary", "test/accuracy_soft"}
+    assert json.loads(result.to_json())["config"]["activation.cutoff"] == 1.2
+
+
+def test_flip_rate_at_epoch_one_compares_with_the_initial_codes():
+    result = train(small(**{"budget.epochs": 1}))
+    assert 0 < result.history[0]["act/flip_rate"] < 1
+
+
+def test_a_seeded_run_is_reproducible():
+    a, b = train(small(**{"activation.granularity": "unit"})), train(
+        small(**{"activation.granularity": "unit"}))
+    c = train(small(**{"activation.granularity": "unit", "seed": 1}))
+
+    def scores(r):
+        return [(h["train/loss"], h["val/accuracy_binary"]) for h in r.history]
+
+    assert scores(a) == scores(b) and scores(a) != scores(c)
+
+
+def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
+    config = small(**{"activation.noise_std": 0.5, "activation.granularity": "example",
+                      "activation.p_ramp_steps": 50})
+    unbroken = train(config)
+
+    def save_at_2(epoch, metrics, state):
+        if epoch == 2:
+            state.save(tmp_path / "ckpt")
+
+    train(config.replace(**{"budget.epochs": 2}), callbacks=[save_at_2])
+    resumed_epochs = []
+    resumed = train(config, resume_from=tmp_path / "ckpt",
+                    callbacks=[lambda epoch, m, s: resumed_epochs.append(epoch)])
+    assert resumed_epochs == [3]
+
+    def drop_time(h):
+        return {k: v for k, v in h.items() if not k.startswith("time/")}
+
+    assert [drop_time(h) for h in resumed.history] == [drop_time(h) for h in unbroken.history]
+    assert resumed.test == unbroken.test
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    train(small(**{"budget.epochs": 1}), callbacks=[lambda e, m, s: s.save(tmp_path)])
+    with pytest.raises(ValueError, match="another config"):
+        train(small(**{"model.widths": [32, 16, 8]}), resume_from=tmp_path)
+
+
+def test_divergence_raises_with_the_history_so_far():
+    with pytest.raises(TrialDiverged, match=r"train/loss is (nan|inf) at epoch 1") as err:
+        train(TrialConfig.from_flat({"data.name": "synthetic", "activation.kind": "relu",
+                                     "optim.name": "sgd", "optim.lr": 1e30}))
+    assert err.value.history == []
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_cli_trains_and_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_cli("train", "--quiet", "--out", str(out), *[f"--set={k}={json.dumps(v)}"
+                                                          for k, v in SMALL.items()],
+                   "--set", "model.arch=gated", "--set", "budget.epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["config"]["model.arch"] == "gated" and len(result["history"]) == 1
+    assert "epoch 1:" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--set", "activation.p=1.5"], "error: activation.p = 1.5: must be in [0, 1]"),
+    (["train", "--set", "model.depth=3"], "error: model.depth: unknown key"),
+    (["config", "--set", "activation.p"], "error: 'activation.p': expected KEY=VALUE"),
+])
+def test_cli_bad_input_is_one_line_and_status_2(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(message)
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_config_prints_every_applicable_key():
+    proc = run_cli("config", "--set", "model.arch=cnn")
+    assert proc.returncode == 0 and "model.filters=[32, 64]" in proc.stdout.splitlines()
