@@ -198,6 +198,7 @@ def _annotations() -> dict[str, Any]:
 
 
 _ANNOTATIONS = _annotations()
+ALL_KEYS = tuple(_ANNOTATIONS)  # every dotted key, including those of other architectures and kinds
 
 
 def _all_items(config: TrialConfig) -> dict[str, Any]:

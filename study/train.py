@@ -2,8 +2,9 @@
 
 Metrics per epoch (DESIGN section 3): `train/loss`, `train/accuracy`, `val/accuracy_binary`,
 `val/accuracy_soft`, `val/binary_gap` (= soft - binary), `val/accuracy_binary_best`, the `act/*`
-diagnostics of `study.evaluation`, `time/epoch_s` (the training pass) and `time/eval_s`; at the end
-`test/accuracy_binary` and `test/accuracy_soft` of the final weights. Sweeps plug in through callbacks
+diagnostics of `study.evaluation`, `time/epoch_s` (the training pass) and `time/eval_s`; the last
+epoch's metrics also hold `test/accuracy_binary` and `test/accuracy_soft` of the final weights, so a
+run stopped early never carries a test score. Sweeps plug in through callbacks
 `(epoch, metrics, state)`, where `state.save(folder)` writes a checkpoint that `train(resume_from=...)`
 continues from exactly (same weights, optimiser, random state and data order as an unbroken run).
 """
@@ -110,7 +111,7 @@ def train(
     evaluator(data.x_val, data.y_val, data.scale)  # codes before the next epoch, for the flip rate
     epochs, batch_size = config.budget.epochs, config.budget.batch_size
     if len(history) < epochs:
-        hook = _EpochHook(evaluator, data, state, callbacks)
+        hook = _EpochHook(evaluator, data, state, callbacks, last_epoch=epochs)
         model.fit(
             batches(data.x_train, data.y_train, data.scale, batch_size, config.seed,
                     first_epoch=len(history), epochs=epochs),
@@ -120,11 +121,8 @@ def train(
         )
         if hook.diverged:
             raise TrialDiverged(hook.diverged, history)
-    test = evaluator(data.x_test, data.y_test, data.scale, diagnostics=False)
-    return TrainResult(
-        config=config.to_flat(), history=history,
-        test={"test/accuracy_binary": test.accuracy_binary, "test/accuracy_soft": test.accuracy_soft},
-    )
+    test = {k: v for k, v in history[-1].items() if k.startswith("test/")}
+    return TrainResult(config=config.to_flat(), history=history, test=test)
 
 
 def make_optimizer(cfg: OptimConfig) -> keras.optimizers.Optimizer:
@@ -156,9 +154,10 @@ class _EpochHook(keras.callbacks.Callback):
     """After each epoch: evaluate, assemble the metrics, stop on divergence, call the callbacks."""
 
     def __init__(self, evaluator: Evaluator, data: Dataset, state: TrainState,
-                 callbacks: Iterable[Callback]):
+                 callbacks: Iterable[Callback], last_epoch: int):
         super().__init__()
         self.evaluator, self.data, self.state = evaluator, data, state
+        self.last_epoch = last_epoch
         self.callbacks = list(callbacks)
         self.diverged: str | None = None
         self.started = 0.0
@@ -186,8 +185,13 @@ class _EpochHook(keras.callbacks.Callback):
             "val/accuracy_binary_best": best,
             **ev.diagnostics,
             "time/epoch_s": train_time,
-            "time/eval_s": time.perf_counter() - self.started - train_time,
         }
+        if epoch + 1 == self.last_epoch:
+            test = self.evaluator(self.data.x_test, self.data.y_test, self.data.scale,
+                                  diagnostics=False)
+            metrics["test/accuracy_binary"] = test.accuracy_binary
+            metrics["test/accuracy_soft"] = test.accuracy_soft
+        metrics["time/eval_s"] = time.perf_counter() - self.started - train_time
         history.append(metrics)
         for callback in self.callbacks:
             callback(epoch + 1, dict(metrics), self.state)

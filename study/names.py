@@ -1,0 +1,12 @@
+"""Metric names shared by the training loop, Ray Tune, MLflow and the analysis (DESIGN section 3).
+
+Per-epoch metrics are logged with step = epoch (1-based); final ones only with the last epoch.
+"""
+
+EPOCH_METRICS = (
+    "train/loss", "train/accuracy",
+    "val/accuracy_binary", "val/accuracy_soft", "val/binary_gap", "val/accuracy_binary_best",
+    "act/ones_fraction", "act/bit_entropy", "act/saturated_fraction", "act/flip_rate",
+    "time/epoch_s", "time/eval_s",
+)
+FINAL_METRICS = ("test/accuracy_binary", "test/accuracy_soft")

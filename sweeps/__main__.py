@@ -1,0 +1,65 @@
+"""Command line: `python -m sweeps run SPEC [--smoke]` and `python -m sweeps check SPEC...`.
+
+    run    validate the spec, then run it (or resume it: the same command continues an
+           interrupted sweep) on local Ray or $RAY_ADDRESS, recording into $MLFLOW_TRACKING_URI
+           (default: runs/mlflow.db), with trial storage in $STORAGE (default: runs/ray)
+    check  validate specs only (exit status 2 and one line per bad spec)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeps", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run or resume a sweep")
+    run.add_argument("spec")
+    run.add_argument("--smoke", action="store_true", help="apply the spec's smoke overrides")
+    check = commands.add_parser("check", help="validate specs")
+    check.add_argument("specs", nargs="+")
+    check.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+
+    from sweeps.spec import SpecError, load_spec
+
+    try:
+        specs = [load_spec(path, smoke=args.smoke)
+                 for path in (args.specs if args.command == "check" else [args.spec])]
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        for spec in specs:
+            print(f"{spec.path}: ok ({spec.num_trials} trials, {spec.search.algorithm})")
+        return 0
+
+    from sweeps import runner  # Ray and MLflow are imported only for a valid spec
+
+    try:
+        results = runner.run(specs[0], runner.Settings.from_env())
+    except runner.SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(results, specs[0]))
+    return 0 if not results.errors else 1
+
+
+def summary(results, spec) -> str:
+    frame = results.get_dataframe()
+    errors = len(results.errors)
+    best = results.get_best_result() if len(frame) > errors else None
+    lines = [f"{spec.sweep_id}: {len(results)} trials, {errors} failed"]
+    if best is not None:
+        lines.append(f"best {spec.metric} = {best.metrics[spec.metric]:.4f} at epoch "
+                     f"{best.metrics['epoch']}: " + ", ".join(
+                         f"{k}={v}" for k, v in spec.trial_config(
+                             best.config.get("trial", best.config)).to_flat().items()
+                         if k.startswith(("activation.", "model."))))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

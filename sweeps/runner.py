@@ -1,0 +1,170 @@
+"""Run a sweep: a validated spec -> a Ray Tune Tuner (new, or restored when interrupted) with
+Optuna as the searcher, ASHA as the scheduler and MLflow as the record."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from study.config import TrialConfig
+from study.data import load
+from sweeps import tracking
+from sweeps.space import DefineByRun, sampler
+from sweeps.spec import SweepSpec
+from sweeps.trainable import run_trial
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start (an unreachable service); the message is one line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage: str  # Ray Tune storage: a local or shared path, or s3://...
+    tracking_uri: str
+    artifact_root: Path | None  # for a local tracking store; a server chooses its own
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """STORAGE and MLFLOW_TRACKING_URI, defaulting to runs/ray and runs/mlflow.db here."""
+        storage = os.environ.get("STORAGE") or str(PROJECT / "runs" / "ray")
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return cls(storage, uri, None)
+        (PROJECT / "runs").mkdir(exist_ok=True)
+        return cls(storage, f"sqlite:///{PROJECT / 'runs' / 'mlflow.db'}",
+                   PROJECT / "runs" / "mlartifacts")
+
+
+def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
+    """Run (or resume) the sweep to the end and close its MLflow runs."""
+    client = MlflowClient(settings.tracking_uri)
+    try:
+        exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
+    except Exception as err:
+        raise SweepError(f"MLflow tracking store {settings.tracking_uri} is unreachable: "
+                         f"{tracking._summary(str(err))}") from err
+    _start_ray()
+    dataset = load(TrialConfig.from_flat(spec.fixed).data)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, dataset=dataset),
+        {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
+    )
+    stale = tracking.close_stale_runs(client, exp_id, spec.sweep_id)
+    tags = tracking.provenance(spec)
+    parent = tracking.open_parent(client, exp_id, spec, tags)
+    path = f"{settings.storage.rstrip('/')}/{spec.sweep_id}"
+    resumed = tune.Tuner.can_restore(path)
+    print(f"sweep {spec.sweep_id}: {spec.num_trials} trials, {'resuming' if resumed else 'new'}"
+          f"{f', {stale} stale runs closed' if stale else ''}; storage {path}; MLflow "
+          f"{settings.tracking_uri} experiment {spec.experiment!r}", flush=True)
+    if resumed:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags)
+        tuner = tune.Tuner(trainable, param_space=_param_space(spec),
+                           tune_config=_tune_config(spec),
+                           run_config=_run_config(spec, settings, [tracker, Progress(spec)]))
+    status = "FAILED"
+    try:
+        results = tuner.fit()
+        status = "FINISHED"
+        return results
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(parent, status=status)
+
+
+def _start_ray() -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1", configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "
+                         f"{tracking._summary(str(err))}") from err
+
+
+def _param_space(spec: SweepSpec) -> dict:
+    if spec.search.algorithm == "grid":
+        return {"trial": tune.grid_search(spec.grid())}
+    return {}
+
+
+def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
+    search_alg, samples = None, 1
+    if spec.search.algorithm != "grid":
+        search_alg = ConcurrencyLimiter(
+            OptunaSearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
+                         sampler=sampler(spec)),
+            max_concurrent=spec.search.max_concurrent,
+        )
+        samples = spec.search.samples
+    scheduler = None
+    if spec.scheduler.name == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.epochs,
+                                  grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor)
+    return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
+                           scheduler=scheduler, num_samples=samples,
+                           max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True)
+
+
+def _run_config(spec: SweepSpec, settings: Settings, callbacks) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=spec.sweep_id, storage_path=settings.storage, callbacks=callbacks, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+
+
+class Progress(tune.Callback):
+    """One line per finished trial and at most one per 15 s otherwise: running, done, best."""
+
+    def __init__(self, spec: SweepSpec):
+        self.spec, self.last_print, self.best = spec, 0.0, None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.spec.metric)
+        if isinstance(value, int | float) and not math.isnan(value):
+            better = (self.best is None or (value > self.best[0]) == (self.spec.mode == "max"))
+            if better:
+                self.best = (value, trial.trial_id, int(result.get("epoch", 0)))
+        if time.monotonic() - self.last_print > 15:
+            self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._print(trials, f"trial {trial.trial_id} done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._print(trials, f"trial {trial.trial_id} FAILED")
+
+    def _print(self, trials, event: str = "") -> None:
+        self.last_print = time.monotonic()
+        states = [t.status for t in trials]
+        best = (f"best {self.spec.metric}={self.best[0]:.4f} (trial {self.best[1]}, epoch "
+                f"{self.best[2]})" if self.best else "no result yet")
+        print(f"[{time.strftime('%H:%M:%S')}] {self.spec.sweep_id}: {event + '; ' if event else ''}"
+              f"{states.count('RUNNING')} running, {states.count('TERMINATED')}/"
+              f"{self.spec.num_trials} done, {states.count('ERROR')} failed; {best}",
+              file=sys.stdout, flush=True)
