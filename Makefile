@@ -8,7 +8,18 @@ export KERAS_HOME ?= $(CURDIR)/.cache/keras
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock data test test-fast lint train clean
+SPEC ?= sweeps/specs/quick.yaml
+SMOKE ?=
+UI_PORT ?= 5000
+LOCAL_TRACKING := sqlite:///$(CURDIR)/runs/mlflow.db
+# Passed on to a Ray job. Never the token: `ray job submit` (with RAY_AUTH_MODE=token) reads it from
+# RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token itself.
+JOB_ENV = {"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \
+  "STUDY_GIT_COMMIT": "$$(git rev-parse HEAD 2>/dev/null)", \
+  "STUDY_GIT_DIRTY": "$$(test -z "$$(git status --porcelain 2>/dev/null)" && echo false || echo true)"}, \
+  "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
+
+.PHONY: help setup lock data test test-fast lint train sweep ui clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,6 +58,22 @@ lint: setup ## ruff
 
 train: setup data ## One trial: make train ARGS="--set activation.p=0.5 --set model.arch=cnn"
 	$(PY) -m study train $(ARGS)
+
+sweep: setup data ## Run or resume a sweep [SPEC=...] [SMOKE=1] [RAY_ADDRESS=http://head:8265] [MLFLOW_TRACKING_URI=...] [STORAGE=...]
+	$(PY) -m sweeps check $(if $(SMOKE),--smoke) $(SPEC)
+ifdef RAY_ADDRESS
+	@test -n "$(MLFLOW_TRACKING_URI)" || { echo "error: a cluster sweep needs MLFLOW_TRACKING_URI (a tracking server)"; exit 2; }
+	@test -n "$(STORAGE)" || { echo "error: a cluster sweep needs STORAGE (a shared path or s3://...)"; exit 2; }
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . \
+	  --runtime-env-json '$(JOB_ENV)' -- python -m sweeps run $(if $(SMOKE),--smoke) $(SPEC)
+else
+	$(PY) -m sweeps run $(if $(SMOKE),--smoke) $(SPEC)
+endif
+
+ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
+	@mkdir -p runs
+	$(VENV)/bin/mlflow server --backend-store-uri $(LOCAL_TRACKING) \
+	  --artifacts-destination $(CURDIR)/runs/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 clean: ## Remove caches and run outputs (keeps the virtual environment)
 	rm -rf .cache runs .pytest_cache .ruff_cache

@@ -88,21 +88,28 @@ def train(
     *,
     dataset: Dataset | None = None,
     resume_from: str | Path | None = None,
+    devices: Sequence[str] = (),
     verbose: int = 0,
 ) -> TrainResult:
-    """Train `config` for `config.budget.epochs` epochs; raise TrialDiverged on a NaN loss."""
+    """Train `config` for `config.budget.epochs` epochs; raise TrialDiverged on a NaN loss.
+
+    With several `devices` (e.g. the GPUs of a multi-GPU trial) each batch is split across them
+    (MirroredStrategy); the batch size stays the global one.
+    """
     runtime.configure_threads(config.runtime.threads)
+    keras.backend.clear_session()  # a reused worker process starts every trial clean
     keras.utils.set_random_seed(config.seed)
     data = dataset if dataset is not None else load(config.data)
-    network = build_network(config.model, config.activation, data.input_shape, data.num_classes,
-                            seed=config.seed)
-    model = network.model
-    model.compile(
-        optimizer=make_optimizer(config.optim),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=config.runtime.jit_compile,
-    )
+    with runtime.strategy_for(list(devices)).scope():
+        network = build_network(config.model, config.activation, data.input_shape,
+                                data.num_classes, seed=config.seed)
+        model = network.model
+        model.compile(
+            optimizer=make_optimizer(config.optim),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=config.runtime.jit_compile,
+        )
     history: list[dict[str, float]] = []
     state = TrainState(network, history)
     if resume_from is not None:

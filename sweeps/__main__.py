@@ -9,7 +9,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Ray Tune's own console output gives way to sweeps.runner.Progress; its per-trial records stay.
+QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+         "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_DEDUP_LOGS": "1"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.path}: ok ({spec.num_trials} trials, {spec.search.algorithm})")
         return 0
 
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
     from sweeps import runner  # Ray and MLflow are imported only for a valid spec
 
     try:
@@ -55,8 +62,7 @@ def summary(results, spec) -> str:
     if best is not None:
         lines.append(f"best {spec.metric} = {best.metrics[spec.metric]:.4f} at epoch "
                      f"{best.metrics['epoch']}: " + ", ".join(
-                         f"{k}={v}" for k, v in spec.trial_config(
-                             best.config.get("trial", best.config)).to_flat().items()
+                         f"{k}={v}" for k, v in spec.trial_config(best.config).to_flat().items()
                          if k.startswith(("activation.", "model."))))
     return "\n".join(lines)
 

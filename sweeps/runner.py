@@ -39,14 +39,16 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        """STORAGE and MLFLOW_TRACKING_URI, defaulting to runs/ray and runs/mlflow.db here."""
+        """STORAGE and MLFLOW_TRACKING_URI, defaulting to runs/ray and runs/mlflow.db here; a
+        local SQLite store keeps its artifacts in mlartifacts/ beside it."""
         storage = os.environ.get("STORAGE") or str(PROJECT / "runs" / "ray")
         uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if uri:
-            return cls(storage, uri, None)
-        (PROJECT / "runs").mkdir(exist_ok=True)
-        return cls(storage, f"sqlite:///{PROJECT / 'runs' / 'mlflow.db'}",
-                   PROJECT / "runs" / "mlartifacts")
+        if not uri:
+            (PROJECT / "runs").mkdir(exist_ok=True)
+            uri = f"sqlite:///{PROJECT / 'runs' / 'mlflow.db'}"
+        if uri.startswith("sqlite:///"):  # artifacts beside a local store, not in the cwd
+            return cls(storage, uri, Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+        return cls(storage, uri, None)
 
 
 def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
@@ -81,12 +83,15 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
     status = "FAILED"
     try:
         results = tuner.fit()
-        status = "FINISHED"
+        # Ray Tune stops gracefully on Ctrl-C and returns: whatever is still open was cut short.
+        status = "KILLED" if tracking.close_stale_runs(client, exp_id, spec.sweep_id,
+                                                       role="trial") else "FINISHED"
         return results
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial")
         client.set_terminated(parent, status=status)
 
 
@@ -127,7 +132,8 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
                                   reduction_factor=spec.scheduler.reduction_factor)
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
                            scheduler=scheduler, num_samples=samples,
-                           max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True)
+                           max_concurrent_trials=spec.search.max_concurrent if search_alg is None
+                           else None)
 
 
 def _run_config(spec: SweepSpec, settings: Settings, callbacks) -> tune.RunConfig:
@@ -143,28 +149,30 @@ class Progress(tune.Callback):
 
     def __init__(self, spec: SweepSpec):
         self.spec, self.last_print, self.best = spec, 0.0, None
+        self.done, self.failed = set(), set()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.spec.metric)
-        if isinstance(value, int | float) and not math.isnan(value):
-            better = (self.best is None or (value > self.best[0]) == (self.spec.mode == "max"))
-            if better:
-                self.best = (value, trial.trial_id, int(result.get("epoch", 0)))
+        valid = isinstance(value, int | float) and not math.isnan(value)
+        if valid and (self.best is None or (value > self.best[0]) == (self.spec.mode == "max")):
+            self.best = (value, trial.trial_id, int(result.get("epoch", 0)))
         if time.monotonic() - self.last_print > 15:
             self._print(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done.add(trial.trial_id)
         self._print(trials, f"trial {trial.trial_id} done")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed.add(trial.trial_id)
         self._print(trials, f"trial {trial.trial_id} FAILED")
 
     def _print(self, trials, event: str = "") -> None:
         self.last_print = time.monotonic()
-        states = [t.status for t in trials]
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.done | self.failed
+                      for t in trials)
         best = (f"best {self.spec.metric}={self.best[0]:.4f} (trial {self.best[1]}, epoch "
                 f"{self.best[2]})" if self.best else "no result yet")
         print(f"[{time.strftime('%H:%M:%S')}] {self.spec.sweep_id}: {event + '; ' if event else ''}"
-              f"{states.count('RUNNING')} running, {states.count('TERMINATED')}/"
-              f"{self.spec.num_trials} done, {states.count('ERROR')} failed; {best}",
-              file=sys.stdout, flush=True)
+              f"{running} running, {len(self.done)}/{self.spec.num_trials} done, "
+              f"{len(self.failed)} failed; {best}", file=sys.stdout, flush=True)

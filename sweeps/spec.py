@@ -116,8 +116,11 @@ class SweepSpec:
         return TrialConfig.from_flat(self.fixed).budget.epochs
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrialConfig:
-        """The full trial config: fixed settings, then the sampled ones (choice lists decoded)."""
-        flat = {**self.fixed, **{k: decode_choice(v) for k, v in sampled.items()}}
+        """The full trial config: TensorFlow threads = the trial's CPUs, the fixed settings, then the
+        sampled ones (choice lists decoded; a grid trial's settings arrive under "trial")."""
+        sampled = sampled.get("trial", sampled)
+        threads = {"runtime.threads": max(1, int(self.resources.cpus))}
+        flat = {**threads, **self.fixed, **{k: decode_choice(v) for k, v in sampled.items()}}
         return TrialConfig.from_flat(flat)
 
     def grid(self) -> list[dict[str, Any]]:

@@ -19,8 +19,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import requests
+import sqlalchemy.exc
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from ray import tune
 
 from study.config import flat_to_strings
@@ -75,9 +78,11 @@ def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list:
     return list(client.search_runs([exp_id], filter_string=query, max_results=10_000))
 
 
-def close_stale_runs(client: MlflowClient, exp_id: str, sweep_id: str) -> int:
-    """Runs of this sweep left RUNNING by a driver that died: KILLED (a resume reopens them)."""
-    stale = [r for r in find_runs(client, exp_id, sweep_id=sweep_id) if r.info.status == "RUNNING"]
+def close_stale_runs(client: MlflowClient, exp_id: str, sweep_id: str, role: str = "") -> int:
+    """Runs of this sweep (of one role: parent or trial) left RUNNING by a driver that died or was
+    stopped: KILLED, to be reopened by a resume. Returns how many there were."""
+    tags = {"sweep_id": sweep_id, **({"sweep_role": role} if role else {})}
+    stale = [r for r in find_runs(client, exp_id, **tags) if r.info.status == "RUNNING"]
     for run in stale:
         client.set_terminated(run.info.run_id, status="KILLED")
     return len(stale)
@@ -135,6 +140,14 @@ class MlflowTracker(tune.Callback):
         self._submit(lambda: self._close(trial, error=message))
 
     def on_experiment_end(self, trials, **info):
+        known = {trial.trial_id for trial in trials}
+        for trial in trials:  # also a trial that failed before it ever started gets its run
+            if trial.status == "TERMINATED":
+                self._submit(lambda trial=trial: self._close(trial, error=None))
+            elif trial.status == "ERROR":
+                message = _summary(str(trial.get_error() or "the trial raised an error"))
+                self._submit(lambda trial=trial, message=message: self._close(trial, message))
+        self._submit(lambda: self._drop_orphans(known))
         self.flush(deadline_s=float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600)))
 
     # the queue ---------------------------------------------------------------------------------
@@ -146,7 +159,9 @@ class MlflowTracker(tune.Callback):
         while self.pending:
             try:
                 self.pending[0]()
-            except Exception as err:  # server away: keep the queue, replay later
+            except Exception as err:
+                if not unreachable(err):
+                    raise
                 log.warning("MLflow unreachable (%s); %d operations queued",
                             _summary(str(err)), len(self.pending))
                 return False
@@ -172,10 +187,12 @@ class MlflowTracker(tune.Callback):
         existing = find_runs(self.client, self.exp_id, sweep_id=self.spec.sweep_id,
                              trial_id=trial.trial_id)
         if existing:
-            run_id = existing[0].info.run_id
+            run = existing[0]
+            run_id = run.info.run_id
             history = self.client.get_metric_history(run_id, "train/loss")
             self.last_step[run_id] = max((m.step for m in history), default=0)
-            self.client.update_run(run_id, status="RUNNING")
+            if not _closed(run):  # a finished run stays as it was recorded
+                self.client.update_run(run_id, status="RUNNING")
         else:
             config = self.spec.trial_config(trial.config)
             tags = {**self.tags, "sweep.role": "trial", "trial.id": trial.trial_id,
@@ -196,15 +213,15 @@ class MlflowTracker(tune.Callback):
         timestamp = int(time.time() * 1000)
         metrics = [Metric(k, float(result[k]), timestamp, step) for k in LOGGED_METRICS
                    if isinstance(result.get(k), int | float)]
-        tags = [RunTag("trial.failure", str(result["trial/failure"]))] \
-            if "trial/failure" in result else []
+        tags = [RunTag(k.replace("/", "."), v) for k, v in result.items()
+                if k.startswith("trial/") and isinstance(v, str)]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.last_step[run_id] = step
 
     def _close(self, trial, error: str | None) -> None:
         run_id = self._run_id(trial)
         run = self.client.get_run(run_id)
-        if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("trial.closed"):
+        if _closed(run):
             return
         epochs = self.last_step.get(run_id, 0)
         diverged = "trial.failure" in run.data.tags
@@ -216,6 +233,16 @@ class MlflowTracker(tune.Callback):
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._log_artifacts(run_id, trial)
         self.client.set_terminated(run_id, status="FAILED" if error or diverged else "FINISHED")
+
+    def _drop_orphans(self, known: set[str]) -> None:
+        """A trial that started just before the driver died, after Ray Tune's last snapshot of the
+        experiment, is unknown to the resumed sweep (its settings are suggested again under a new
+        trial id). Its unfinished run is soft-deleted (restorable), so each trial has one run."""
+        for run in find_runs(self.client, self.exp_id, sweep_id=self.spec.sweep_id,
+                             sweep_role="trial"):
+            if run.data.tags.get("trial.id") not in known and run.info.status != "FINISHED":
+                self.client.set_tag(run.info.run_id, "trial.orphaned", "true")
+                self.client.delete_run(run.info.run_id)
 
     def _log_artifacts(self, run_id: str, trial) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -229,6 +256,21 @@ class MlflowTracker(tune.Callback):
             for name in ("history.json", "model.keras"):
                 if Path(folder, name).exists():
                     self.client.log_artifact(run_id, str(Path(folder, name)))
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether an MLflow call failed because the store could not be reached (worth replaying),
+    rather than because the call itself was wrong."""
+    if isinstance(err, ConnectionError | TimeoutError | requests.RequestException):
+        return True
+    text = str(err)
+    return isinstance(err, MlflowException | sqlalchemy.exc.OperationalError) and any(
+        marker in text for marker in ("Max retries exceeded", "Connection refused", "timed out",
+                                      "Connection aborted", "database is locked", "503", "502"))
+
+
+def _closed(run) -> bool:
+    return run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("trial.closed") == "true"
 
 
 def _summary(text: str) -> str:

@@ -1,0 +1,123 @@
+"""Running sweeps in subprocesses and reading what MLflow recorded, for the sweep tests."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from sweeps.spec import SweepSpec
+
+from .conftest import ROOT
+
+
+def sweep_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A sweep's environment: its own tracking store, Ray storage and $HOME (Ray's token)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "STORAGE": str(tmp_path / "ray"), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def start_sweep(spec_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sweeps", "run", *args, str(spec_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def run_sweep(spec_path: Path, env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    proc = start_sweep(spec_path, env, *args)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (the local Ray cluster), by process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def runs(env: dict[str, str], experiment: str) -> list:
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return list(client.search_runs([found.experiment_id], max_results=10_000))
+
+
+def steps(env: dict[str, str], run, key: str = "train/loss") -> list[int]:
+    history = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(run.info.run_id, key)
+    return sorted(m.step for m in history)
+
+
+def assert_complete(spec: SweepSpec, env: dict[str, str]) -> list:
+    """One FINISHED parent, one closed child per trial, every epoch exactly once; the children."""
+    recorded = runs(env, spec.experiment)
+    parents = [r for r in recorded if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in recorded if r.data.tags.get("sweep.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == spec.num_trials, [(c.data.tags["trial.id"], c.info.status,
+                                               steps(env, c)) for c in children]
+    assert len({c.data.tags["trial.id"] for c in children}) == spec.num_trials
+    for child in children:
+        tags = child.data.tags
+        assert child.info.status in ("FINISHED", "FAILED"), child.info.status
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags["sweep.id"] == spec.sweep_id and tags["spec.hash"] == spec.digest
+        assert tags["git.commit"] and tags["lib.tensorflow-cpu"] and tags["seed"]
+        epochs = int(tags["trial.epochs"])
+        if child.info.status == "FINISHED":
+            assert steps(env, child) == list(range(1, epochs + 1))
+            stopped = epochs < spec.epochs
+            assert tags["trial.stopped_early"] == str(stopped).lower()
+            assert ("test/accuracy_binary" in child.data.metrics) == (not stopped)
+        config = spec.trial_config({}).to_flat()
+        assert set(config) - {k for k in config if k.startswith(("model.", "activation."))} <= \
+            set(child.data.params)
+    return children
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before {what}: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def trial_results(storage: Path) -> dict[str, list[dict]]:
+    """Each trial's own Ray Tune record (result.json lines), by trial folder."""
+    out = {}
+    for path in storage.glob("*/*/result.json"):
+        out[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()
+                                 if line.strip()]
+    return out
+
+
+def trial_worker_pids() -> list[int]:
+    """PIDs of the Ray worker processes running a trial (process title ray::ImplicitFunc...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if cmdline.startswith("ray::ImplicitFunc"):
+            pids.append(int(proc.name))
+    return pids

@@ -1,0 +1,171 @@
+"""Sweeps end to end on a local Ray: every shipped spec's smoke size, resume after the driver is
+killed, a trial killed mid-epoch, fractional trials on Ray's logical GPUs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sweeps.spec import load_spec
+
+from .conftest import ROOT
+from .sweep_helpers import (
+    assert_complete,
+    kill_group,
+    run_sweep,
+    runs,
+    start_sweep,
+    steps,
+    sweep_env,
+    trial_results,
+    trial_worker_pids,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+SPECS = sorted((ROOT / "sweeps" / "specs").glob("*.yaml"))
+
+# Trials long enough (about 0.5 s per epoch) for a kill to land mid-sweep.
+SLOW_TRIALS = """
+# test spec; make sweep SPEC=this
+name: {name}
+fixed: {{data.name: fashion_mnist, data.train_size: 15000, budget.epochs: {epochs}}}
+space:
+  activation.p: {{uniform: [0.0, 1.0]}}
+search: {{algorithm: tpe, samples: {samples}, max_concurrent: 2, seed: 1}}
+scheduler: {{name: none}}
+resources: {{cpus: 1}}
+max_failures: 2
+"""
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_shipped_spec_runs_end_to_end_at_smoke_size(path, tmp_path):
+    env = sweep_env(tmp_path)
+    out = run_sweep(path, env, "--smoke")
+    spec = load_spec(path, smoke=True)
+    assert f"{spec.sweep_id}: {spec.num_trials} trials, 0 failed" in out
+    children = assert_complete(spec, env)
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert set(child.data.params) >= {"activation.kind", "model.arch", "seed", "budget.epochs"}
+        placement = json.loads(child.data.tags["trial.placement"])
+        assert placement["cpus"] == spec.resources.cpus
+
+
+def test_resume_after_the_driver_is_killed_gives_no_duplicate_runs(tmp_path):
+    path = tmp_path / "resume.yaml"
+    path.write_text(SLOW_TRIALS.format(name="resume", epochs=5, samples=4))
+    spec = load_spec(path)
+    env = sweep_env(tmp_path)
+    proc = start_sweep(path, env)
+
+    def finished_children():
+        return [r for r in runs(env, spec.experiment)
+                if r.data.tags.get("sweep.role") == "trial" and r.info.status == "FINISHED"]
+
+    try:
+        done_before = wait_for(finished_children, 300, "a finished trial", proc)
+    finally:
+        kill_group(proc)
+    killed_at = time.time() * 1000
+    assert len(done_before) < spec.num_trials, "the sweep finished before it could be killed"
+    run_sweep(path, env)  # the same command again
+    children = assert_complete(spec, env)
+    assert all(c.info.status == "FINISHED" for c in children)
+    client_runs = {c.data.tags["trial.id"]: c for c in children}
+    for before in done_before:  # finished trials were not re-run
+        after = client_runs[before.data.tags["trial.id"]]
+        assert after.info.run_id == before.info.run_id and after.info.end_time < killed_at
+
+
+def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
+    path = tmp_path / "retry.yaml"
+    path.write_text(SLOW_TRIALS.format(name="retry", epochs=6, samples=1))
+    spec = load_spec(path)
+    env = sweep_env(tmp_path)
+    storage = tmp_path / "ray"
+    proc = start_sweep(path, env)
+    try:
+        wait_for(lambda: any(len(r) >= 2 for r in trial_results(storage).values()), 300,
+                 "two epochs of the trial", proc)
+        pids = trial_worker_pids()
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out[-3000:]
+    [records] = trial_results(storage).values()
+    epochs = [r["epoch"] for r in records]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 6  # no epoch trained twice, none lost
+    restarts = [r for r in records if r["iterations_since_restore"] == 1 and r["epoch"] > 1]
+    assert restarts, "the retried trial started from scratch instead of its checkpoint"
+    [child] = assert_complete(spec, env)
+    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
+
+
+LOGICAL_GPUS = """
+import os, sys, ray
+from sweeps import runner
+from sweeps.spec import load_spec
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+         log_to_driver=False)
+runner.run(load_spec(sys.argv[1]), runner.Settings.from_env())
+"""
+
+
+def test_fractional_trials_share_logical_gpus(tmp_path):
+    path = tmp_path / "gpus.yaml"
+    path.write_text("""
+# test spec; make sweep SPEC=this
+name: gpus
+fixed: {data.name: synthetic, budget.epochs: 3}
+space:
+  activation.p: {uniform: [0.0, 1.0]}
+search: {algorithm: qmc, samples: 4, max_concurrent: 4}
+scheduler: {name: none}
+resources: {cpus: 0.5, gpus: 0.5}
+""")
+    env = sweep_env(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", LOGICAL_GPUS, str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    children = assert_complete(load_spec(path), env)
+    placements = [json.loads(c.data.tags["trial.placement"]) for c in children]
+    assert all(len(p["gpu_ids"]) == 1 and p["gpu_share"] == 0.5 for p in placements)
+    # no GPU holds more than two half-GPU trials at a time (runs' wall-clock intervals)
+    for gpu in {p["gpu_ids"][0] for p in placements}:
+        spans = [(c.info.start_time, c.info.end_time) for c, p in zip(children, placements,
+                                                                      strict=True)
+                 if p["gpu_ids"][0] == gpu]
+        for start, _ in spans:
+            assert sum(s <= start < e for s, e in spans) <= 2
+    # with no real GPU there is nothing to cap: no device, no memory limit (see test_runtime.py)
+    assert all(p["devices"] == [] and p["gpu_memory_limit_mb"] is None for p in placements)
+
+
+def test_a_diverging_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
+    path = tmp_path / "diverge.yaml"
+    path.write_text("""
+# test spec; make sweep SPEC=this
+name: diverge
+fixed: {data.name: synthetic, budget.epochs: 2, optim.name: sgd, activation.kind: relu}
+space:
+  optim.lr: {grid: [0.01, 1.0e+30]}
+search: {algorithm: grid}
+scheduler: {name: none}
+""")
+    env = sweep_env(tmp_path)
+    run_sweep(path, env)
+    children = assert_complete(load_spec(path), env)
+    by_lr = {float(c.data.params["optim.lr"]): c for c in children}
+    assert by_lr[0.01].info.status == "FINISHED"
+    failed = by_lr[1e30]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["trial.failure"].startswith("train/loss is ")
+    assert failed.data.tags["trial.stopped_early"] == "false"
