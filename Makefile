@@ -19,7 +19,11 @@ JOB_ENV = {"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAG
   "STUDY_GIT_DIRTY": "$$(test -z "$$(git status --porcelain 2>/dev/null)" && echo false || echo true)"}, \
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
 
-.PHONY: help setup lock data test test-fast lint train sweep ui clean
+PAPER_SPECS := sweeps/specs/t1_main.yaml sweeps/specs/t2_grid.yaml sweeps/specs/t3_ablations.yaml
+# SIZE=full: the paper's sweeps as specified (about 25 minutes on 2 cores); SIZE=smoke: CI's size.
+SIZE ?= full
+
+.PHONY: help setup lock data test test-fast lint train sweep ui paper-sweeps clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -70,9 +74,13 @@ else
 	$(PY) -m sweeps run $(if $(SMOKE),--smoke) $(SPEC)
 endif
 
+paper-sweeps: setup data ## Run the paper's sweeps (SIZE=full or smoke) into the tracking store
+	$(PY) -m sweeps check $(if $(filter smoke,$(SIZE)),--smoke) $(PAPER_SPECS)
+	set -e; for spec in $(PAPER_SPECS); do $(PY) -m sweeps run $(if $(filter smoke,$(SIZE)),--smoke) $$spec; done
+
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs
-	$(VENV)/bin/mlflow server --backend-store-uri $(LOCAL_TRACKING) \
+	$(VENV)/bin/mlflow server --workers 1 --backend-store-uri $(LOCAL_TRACKING) \
 	  --artifacts-destination $(CURDIR)/runs/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 clean: ## Remove caches and run outputs (keeps the virtual environment)

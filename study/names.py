@@ -1,6 +1,7 @@
 """Metric names shared by the training loop, Ray Tune, MLflow and the analysis (DESIGN section 3).
 
 Per-epoch metrics are logged with step = epoch (1-based); final ones only with the last epoch.
+`model/binary_units` counts the units that the study's activation binarizes, per example (bits).
 """
 
 EPOCH_METRICS = (
@@ -10,3 +11,4 @@ EPOCH_METRICS = (
     "time/epoch_s", "time/eval_s",
 )
 FINAL_METRICS = ("test/accuracy_binary", "test/accuracy_soft")
+MODEL_METRICS = ("model/params", "model/binary_units")  # constant per trial, reported every epoch

@@ -118,7 +118,9 @@ def train(
     evaluator(data.x_val, data.y_val, data.scale)  # codes before the next epoch, for the flip rate
     epochs, batch_size = config.budget.epochs, config.budget.batch_size
     if len(history) < epochs:
-        hook = _EpochHook(evaluator, data, state, callbacks, last_epoch=epochs)
+        sizes = {"model/params": float(model.count_params()),
+                 "model/binary_units": float(network.evaluator.outputs[2].shape[-1])}
+        hook = _EpochHook(evaluator, data, state, callbacks, last_epoch=epochs, constants=sizes)
         model.fit(
             batches(data.x_train, data.y_train, data.scale, batch_size, config.seed,
                     first_epoch=len(history), epochs=epochs),
@@ -161,10 +163,10 @@ class _EpochHook(keras.callbacks.Callback):
     """After each epoch: evaluate, assemble the metrics, stop on divergence, call the callbacks."""
 
     def __init__(self, evaluator: Evaluator, data: Dataset, state: TrainState,
-                 callbacks: Iterable[Callback], last_epoch: int):
+                 callbacks: Iterable[Callback], last_epoch: int, constants: dict[str, float]):
         super().__init__()
         self.evaluator, self.data, self.state = evaluator, data, state
-        self.last_epoch = last_epoch
+        self.last_epoch, self.constants = last_epoch, constants
         self.callbacks = list(callbacks)
         self.diverged: str | None = None
         self.started = 0.0
@@ -192,6 +194,7 @@ class _EpochHook(keras.callbacks.Callback):
             "val/accuracy_binary_best": best,
             **ev.diagnostics,
             "time/epoch_s": train_time,
+            **self.constants,
         }
         if epoch + 1 == self.last_epoch:
             test = self.evaluator(self.data.x_test, self.data.y_test, self.data.scale,

@@ -118,18 +118,20 @@ class SweepSpec:
     def trial_config(self, sampled: Mapping[str, Any]) -> TrialConfig:
         """The full trial config: TensorFlow threads = the trial's CPUs, the fixed settings, then the
         sampled ones (choice lists decoded; a grid trial's settings arrive under "trial")."""
-        sampled = sampled.get("trial", sampled)
+        sampled = {k: v for k, v in sampled.get("trial", sampled).items() if k != "variant"}
         threads = {"runtime.threads": max(1, int(self.resources.cpus))}
         flat = {**threads, **self.fixed, **{k: decode_choice(v) for k, v in sampled.items()}}
         return TrialConfig.from_flat(flat)
 
     def grid(self) -> list[dict[str, Any]]:
-        """Every trial of a grid spec, as the flat settings that vary (with `seed`)."""
+        """Every trial of a grid spec, as the flat settings that vary (with `seed`, and `variant`:
+        the variant's name, where the spec has variants)."""
         trials = []
-        for variant in self.variants.values() or [{}]:
+        for name, variant in (self.variants or {None: {}}).items():
+            label = {"variant": name} if name is not None else {}
             for point in _product(self.space, {**self.fixed, **variant}):
                 for seed in self.seeds:
-                    trials.append({**variant, **point, "seed": seed})
+                    trials.append({**label, **variant, **point, "seed": seed})
         return trials
 
     @property

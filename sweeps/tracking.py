@@ -27,11 +27,11 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 
 from study.config import flat_to_strings
-from study.names import EPOCH_METRICS, FINAL_METRICS
+from study.names import EPOCH_METRICS, FINAL_METRICS, MODEL_METRICS
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
-LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, "trial/diverged")
+LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, *MODEL_METRICS, "trial/diverged")
 LIBRARIES = ("tensorflow-cpu", "keras", "ray", "optuna", "mlflow", "numpy", "pandas")
 
 
@@ -197,6 +197,9 @@ class MlflowTracker(tune.Callback):
             config = self.spec.trial_config(trial.config)
             tags = {**self.tags, "sweep.role": "trial", "trial.id": trial.trial_id,
                     "seed": str(config.seed), "mlflow.parentRunId": self.parent_run_id}
+            variant = trial.config.get("trial", {}).get("variant")
+            if variant is not None:
+                tags["trial.variant"] = variant
             run = self.client.create_run(self.exp_id, tags=tags,
                                          run_name=f"{self.spec.name}-{trial.trial_id}")
             run_id = run.info.run_id

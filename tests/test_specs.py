@@ -187,8 +187,8 @@ seeds: [0, 1]
 """))
     grid = spec.grid()
     assert len(grid) == spec.num_trials == 2 * (1 + 2) * 2
-    assert {"activation.kind": "sigmoid", "model.arch": "bottleneck", "model.code_bits": 16,
-            "seed": 1} in grid
+    assert {"variant": "sigmoid", "activation.kind": "sigmoid", "model.arch": "bottleneck",
+            "model.code_bits": 16, "seed": 1} in grid
     assert all(spec.trial_config(t).seed == t["seed"] for t in grid)
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from study.config import TrialConfig
-from study.names import EPOCH_METRICS
+from study.names import EPOCH_METRICS, MODEL_METRICS
 from study.train import TrialDiverged, train
 
 from .conftest import ROOT
 
 SMALL = {"data.name": "synthetic", "model.widths": [32, 16], "budget.epochs": 3,
          "budget.batch_size": 64, "activation.cutoff": 1.2}
-PER_EPOCH = {"epoch", *EPOCH_METRICS}  # what sweeps, MLflow and the analysis expect
+PER_EPOCH = {"epoch", *EPOCH_METRICS, *MODEL_METRICS}  # what sweeps, MLflow, analysis expect
 
 
 def small(**flat):
@@ -34,6 +34,9 @@ def test_metrics_per_epoch_and_at_the_end():
     best = np.maximum.accumulate([h["val/accuracy_binary"] for h in result.history])
     np.testing.assert_allclose([h["val/accuracy_binary_best"] for h in result.history], best)
     assert result.history[-1]["val/accuracy_binary"] > 0.5  # it learns
+    # 64 inputs -> 32 -> 16 -> 10 (weights and biases); 32 + 16 binary units
+    assert result.history[0]["model/params"] == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
+    assert result.history[0]["model/binary_units"] == 48
     assert set(result.test) == {"test/accuracy_binary", "test/accuracy_soft"}
     assert json.loads(result.to_json())["config"]["activation.cutoff"] == 1.2
 
