@@ -23,7 +23,9 @@ PAPER_SPECS := sweeps/specs/t1_main.yaml sweeps/specs/t2_grid.yaml sweeps/specs/
 # SIZE=full: the paper's sweeps as specified (about 25 minutes on 2 cores); SIZE=smoke: CI's size.
 SIZE ?= full
 
-.PHONY: help setup lock data test test-fast lint train sweep ui paper-sweeps clean
+NOTEBOOKS := $(wildcard analysis/notebooks/*.py)
+
+.PHONY: help setup lock data test test-fast lint train sweep ui paper-sweeps paper tables notebooks clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,7 +60,7 @@ test-fast: setup ## The fast tests only (no Fashion-MNIST training, no servers)
 	$(PY) -m pytest -m "not slow"
 
 lint: setup ## ruff
-	$(VENV)/bin/ruff check study tests
+	$(VENV)/bin/ruff check study sweeps analysis tests
 
 train: setup data ## One trial: make train ARGS="--set activation.p=0.5 --set model.arch=cnn"
 	$(PY) -m study train $(ARGS)
@@ -77,6 +79,26 @@ endif
 paper-sweeps: setup data ## Run the paper's sweeps (SIZE=full or smoke) into the tracking store
 	$(PY) -m sweeps check $(if $(filter smoke,$(SIZE)),--smoke) $(PAPER_SPECS)
 	set -e; for spec in $(PAPER_SPECS); do $(PY) -m sweeps run $(if $(filter smoke,$(SIZE)),--smoke) $$spec; done
+
+paper: paper-sweeps ## The paper's sweeps (SIZE=full|smoke), then the export (paper/runs) and the tables
+ifeq ($(SIZE),smoke)
+	$(PY) -m analysis tables --smoke --out runs/paper-smoke
+else
+	$(PY) -m analysis export
+	$(PY) -m analysis tables
+endif
+
+tables: setup ## Tables and figures into paper/ from the runs (local store if it has them, else paper/runs)
+	$(PY) -m analysis tables $(if $(SOURCE),--source $(SOURCE))
+
+notebooks: setup ## Execute analysis/notebooks/*.py headless into runs/notebooks/*.html
+	@mkdir -p runs/notebooks
+	set -e; for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb .py); \
+	  $(VENV)/bin/jupytext --quiet --to ipynb --output runs/notebooks/$$name.ipynb $$nb; \
+	  $(VENV)/bin/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+	    runs/notebooks/$$name.ipynb --output-dir runs/notebooks; \
+	done
 
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs

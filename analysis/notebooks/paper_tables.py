@@ -1,0 +1,47 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The paper's tables and figures
+#
+# Reads the runs of the three paper sweeps (T1 main results, T2 the p x slope x cutoff grid, T3
+# ablations) from the tracking store or the committed export `paper/runs`, and shows what
+# `make tables` writes. `ANALYSIS_SOURCE` picks the source, `ANALYSIS_SMOKE=1` the smoke-size sweeps.
+
+# %%
+import os
+from pathlib import Path
+
+from IPython.display import Image, Markdown, display
+
+from analysis import paper, runs
+from analysis.__main__ import PROJECT, default_source
+
+smoke = os.environ.get("ANALYSIS_SMOKE") == "1"
+names = list(paper.experiments(smoke).values())
+source = os.environ.get("ANALYSIS_SOURCE") or default_source(names)
+loaded = runs.load(source, names)
+print(source)
+loaded.trials.groupby(["experiment", "status"]).size()
+
+# %% [markdown]
+# ## Tables, checks and figures
+
+# %%
+out = Path(os.environ.get("ANALYSIS_OUT") or PROJECT / "runs" / "notebooks" / "paper")
+tables, pngs, notes = paper.build(loaded, out, smoke=smoke)
+for note in notes:
+    print(note)
+for table in tables:
+    display(Markdown(table.markdown()))
+
+# %%
+for png in pngs:
+    display(Markdown(f"**{png.stem}**"), Image(str(png)))

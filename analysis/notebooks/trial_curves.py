@@ -1,0 +1,42 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Per-epoch curves of a sweep's trials
+#
+# The long per-epoch frame (`run_id`, `key`, `step`, `value`) joined with the trials' params: how
+# binary- and soft-eval validation accuracy and the activation diagnostics evolve, per variant.
+
+# %%
+import os
+
+import matplotlib.pyplot as plt
+
+from analysis import paper, runs
+from analysis.__main__ import default_source
+
+smoke = os.environ.get("ANALYSIS_SMOKE") == "1"
+experiment = paper.experiments(smoke)["t1"]
+loaded = runs.load(os.environ.get("ANALYSIS_SOURCE") or default_source([experiment]), [experiment])
+keys = ["val/accuracy_binary", "val/accuracy_soft", "act/bit_entropy", "act/flip_rate"]
+curves = loaded.history[loaded.history["key"].isin(keys)].merge(
+    loaded.trials[["run_id", "params.model.arch", "tags.trial.variant"]], on="run_id")
+curves.groupby(["params.model.arch", "tags.trial.variant", "key"])["value"].last().unstack().round(3)
+
+# %%
+mean = curves.groupby(["tags.trial.variant", "key", "step"])["value"].mean().reset_index()
+fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+for ax, key in zip(axes, keys, strict=True):
+    for variant, part in mean[mean["key"] == key].groupby("tags.trial.variant"):
+        ax.plot(part["step"], part["value"], marker=".", label=variant)
+    ax.set_title(key, fontsize=9)
+    ax.set_xlabel("epoch")
+axes[0].legend(fontsize=6)
+fig.tight_layout()

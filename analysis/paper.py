@@ -1,0 +1,106 @@
+"""Every table, figure and check of the paper from the runs of its three sweeps.
+
+    T1 main results (t1-main): accuracy per architecture x variant, the binary-eval pivot,
+       T4 diagnostics at convergence and T5 cost (from the same runs), learning curves
+    T2 the p x slope x cutoff grid (t2-grid): grid tables, best setting per architecture, axis and
+       isolation plots, the heatmap, the gap against p
+    T3 ablations (t3-ablations)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from analysis import figures
+from analysis.checks import checks
+from analysis.importance import importance_lines
+from analysis.runs import Runs
+from analysis.tables import (
+    Table,
+    accuracy_table,
+    best_table,
+    cost_table,
+    diagnostics_table,
+    grid_tables,
+    pivot_table,
+)
+
+SPECS = {"t1": "t1-main", "t2": "t2-grid", "t3": "t3-ablations"}
+
+
+def experiments(smoke: bool) -> dict[str, str]:
+    return {k: f"{v}-smoke" if smoke else v for k, v in SPECS.items()}
+
+
+def variants(runs: Runs) -> list[str]:
+    """Variant names in the spec's order (grid trial ids follow it)."""
+    if "tags.trial.variant" not in runs.trials:
+        return []
+    ordered = runs.trials.sort_values("tags.trial.id")["tags.trial.variant"].dropna()
+    return list(dict.fromkeys(ordered))
+
+
+def build(runs: Runs, out: Path, smoke: bool = False) -> tuple[list[Table], list[Path], list[str]]:
+    """Write tables (out/tables), figures (out/figures) and out/checks.md; return what was made."""
+    names = experiments(smoke)
+    tables: list[Table] = []
+    pngs: list[Path] = []
+    notes: list[str] = []
+    fig_dir = out / "figures"
+    if names["t1"] in runs.experiments:
+        t1 = runs.of(names["t1"])
+        order = variants(t1)
+        tables += [
+            pivot_table(t1, "t1_binary", "T1 binary-eval test accuracy (mean ± std over seeds)",
+                        "params.model.arch", "tags.trial.variant",
+                        "metrics.test/accuracy_binary", order),
+            accuracy_table(t1, "t1_main", "T1 main results: soft- and binary-eval test accuracy",
+                           ["params.model.arch", "tags.trial.variant"], order),
+            diagnostics_table(t1, "t4_diagnostics", "T4 activation diagnostics at the last epoch",
+                              order),
+            cost_table(t1, "t5_cost", "T5 cost: parameters, binarized units, seconds per epoch",
+                       order),
+        ]
+        pngs.append(figures.learning_curves(t1, fig_dir / "t1_learning_curves.png"))
+        notes += checks(t1)
+    if names["t2"] in runs.experiments:
+        t2 = runs.of(names["t2"])
+        tables += grid_tables(t2, "t2_binary", "metrics.test/accuracy_binary",
+                              "T2 binary-eval test accuracy over p x slope")
+        tables += grid_tables(t2, "t2_gap", "gap", "T2 gap (soft - binary test accuracy)")
+        tables.append(best_table(t2, "t2_best", "Best (p, slope, cutoff) per architecture, "
+                                 "selected on validation", ["params.activation.p",
+                                                            "params.activation.slope",
+                                                            "params.activation.cutoff"]))
+        pngs += [
+            figures.heatmap(t2, fig_dir / "t2_heatmap.png"),
+            figures.axis_plots(t2, ["activation.p", "activation.slope", "activation.cutoff"],
+                               fig_dir / "t2_axis.png"),
+            figures.isolation_plot(t2, "activation.p", fig_dir / "t2_isolation_p.png"),
+            figures.isolation_plot(t2, "activation.slope", fig_dir / "t2_isolation_slope.png"),
+            figures.gap_against_p(t2, fig_dir / "t2_gap_vs_p.png"),
+        ]
+        notes += checks(t2) + importance_lines(t2)
+    if names["t3"] in runs.experiments:
+        t3 = runs.of(names["t3"])
+        tables.append(accuracy_table(t3, "t3_ablations", "T3 ablations of the default unit "
+                                     "(mlp, p = 0.5, c = 1.2)", ["tags.trial.variant"],
+                                     variants(t3)))
+        notes += checks(t3)
+    for table in tables:
+        table.write(out / "tables")
+    (out / "checks.md").write_text("# Checks\n\n" + "".join(f"- {n}\n" for n in notes))
+    return tables, pngs, notes
+
+
+def log_figures(tracking_uri: str, runs: Runs, pngs: list[Path]) -> None:
+    """Attach the figures to the parent run of each paper sweep they come from."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for _, parent in runs.parents.iterrows():
+        prefix = {"t1-main": "t1_", "t2-grid": "t2_", "t3-ablations": "t3_"}.get(
+            parent["experiment"].removesuffix("-smoke"))
+        for png in pngs:
+            if prefix and png.name.startswith(prefix):
+                client.log_artifact(parent["run_id"], str(png), artifact_path="figures")

@@ -1,0 +1,231 @@
+"""The paper's tables: aggregates over seeds, written as Markdown and LaTeX (booktabs) with provenance.
+
+For a metric x over the n seeds of a group: mean, sample std s, and the 95% interval
+mean +- t(0.975, n - 1) * s / sqrt(n) (no interval for n = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+from analysis.runs import Runs
+
+ARCH_ORDER = ("mlp", "cnn", "gated", "bottleneck")
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    title: str
+    frame: pd.DataFrame  # cells already formatted as text
+    provenance: str
+
+    def markdown(self) -> str:
+        header = "| " + " | ".join(map(str, self.frame.columns)) + " |"
+        rule = "|" + "|".join("---" for _ in self.frame.columns) + "|"
+        rows = ["| " + " | ".join(map(str, row)) + " |" for row in self.frame.itertuples(index=False)]
+        return "\n".join([f"### {self.title}", "", f"*{self.provenance}*", "", header, rule, *rows,
+                          ""])
+
+    def latex(self) -> str:
+        columns = [_tex(c) for c in self.frame.columns]
+        rows = [" & ".join(_tex(v) for v in row) + r" \\" for row in
+                self.frame.itertuples(index=False)]
+        return "\n".join([f"% {self.provenance}", r"\begin{table}[t]", r"\centering",
+                          rf"\caption{{{_tex(self.title)}}}", rf"\label{{tab:{self.name}}}",
+                          r"\begin{tabular}{" + "l" * len(columns) + "}", r"\toprule",
+                          " & ".join(columns) + r" \\", r"\midrule", *rows, r"\bottomrule",
+                          r"\end{tabular}", r"\end{table}", ""])
+
+    def write(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{self.name}.md", folder / f"{self.name}.tex"]
+        paths[0].write_text(self.markdown())
+        paths[1].write_text(self.latex())
+        return paths
+
+
+def provenance(runs: Runs) -> str:
+    """Experiment, sweep ids, number of runs, code commit(s) and the date the runs ended (UTC)."""
+    trials = runs.trials
+    experiments = ", ".join(sorted(set(trials["experiment"])))
+    sweeps = ", ".join(sorted(set(trials["tags.sweep.id"])))
+    commits = sorted(set(trials["tags.git.commit"].str[:10]))
+    dirty = " (some runs from a dirty tree)" if (trials["tags.git.dirty"] == "true").any() else ""
+    ended = pd.to_datetime(trials["end_time"].max(), unit="ms", utc=True).strftime("%Y-%m-%d")
+    return (f"MLflow experiment {experiments}; sweeps {sweeps}; {len(trials)} runs; code "
+            f"{', '.join(commits)}{dirty}; runs ended {ended}")
+
+
+def summarize(values: pd.Series) -> dict[str, float]:
+    x = values.dropna().to_numpy(dtype=float)
+    n = len(x)
+    mean = float(x.mean()) if n else math.nan
+    std = float(x.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "lo": mean - half, "hi": mean + half}
+
+
+def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, str]) -> pd.DataFrame:
+    """One row per group: for each named metric column, its mean, std, n and 95% interval."""
+    rows = []
+    for key, group in trials.groupby(by, sort=False, dropna=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+        for name, column in metrics.items():
+            for stat, value in summarize(group[column]).items():
+                row[f"{name}.{stat}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def finished(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials that ran their whole budget (the only ones with test scores)."""
+    full = trials[(trials["status"] == "FINISHED") & (trials["tags.trial.stopped_early"] == "false")]
+    return full.assign(gap=full["metrics.test/accuracy_soft"] - full["metrics.test/accuracy_binary"])
+
+
+def pm(mean: float, std: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def interval(lo: float, hi: float, digits: int = 3) -> str:
+    return "—" if math.isnan(lo) else f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+ACCURACY = {"soft": "metrics.test/accuracy_soft", "binary": "metrics.test/accuracy_binary",
+            "gap": "gap"}
+
+
+def _ordered(frame: pd.DataFrame, column: str, order) -> pd.DataFrame:
+    rank = {v: i for i, v in enumerate(order)}
+    return frame.sort_values(column, key=lambda s: s.map(lambda v: rank.get(v, len(rank))),
+                             kind="stable")
+
+
+def accuracy_table(runs: Runs, name: str, title: str, by: list[str], variants: list[str]) -> Table:
+    """Soft- and binary-eval test accuracy and their gap, mean +- std over seeds, per group."""
+    agg = aggregate(finished(runs.trials), by, ACCURACY)
+    if "tags.trial.variant" in by:
+        agg = _ordered(agg, "tags.trial.variant", variants)
+    if "params.model.arch" in by:
+        agg = _ordered(agg, "params.model.arch", ARCH_ORDER)
+    frame = pd.DataFrame({_label(c): agg[c] for c in by})
+    for metric in ACCURACY:
+        frame[f"{metric} eval" if metric != "gap" else "gap (soft - binary)"] = [
+            pm(m, s) for m, s in zip(agg[f"{metric}.mean"], agg[f"{metric}.std"], strict=True)]
+    frame["binary 95% CI"] = [interval(lo, hi) for lo, hi in
+                              zip(agg["binary.lo"], agg["binary.hi"], strict=True)]
+    frame["seeds"] = agg["binary.n"].astype(int)
+    return Table(name, title, frame.reset_index(drop=True), provenance(runs))
+
+
+def pivot_table(runs: Runs, name: str, title: str, rows: str, columns: str, metric: str,
+                order: list[str]) -> Table:
+    """`metric` (mean +- std over seeds) with `rows` down and `columns` across."""
+    agg = aggregate(finished(runs.trials), [rows, columns], {"m": metric})
+    agg["cell"] = [pm(m, s) for m, s in zip(agg["m.mean"], agg["m.std"], strict=True)]
+    wide = agg.pivot(index=rows, columns=columns, values="cell")
+    wide = wide[[c for c in order if c in wide.columns]]
+    wide = wide.loc[[r for r in ARCH_ORDER if r in wide.index] or sorted(wide.index)]
+    frame = wide.reset_index().rename(columns={rows: _label(rows)})
+    frame.columns = [str(c) for c in frame.columns]
+    return Table(name, title, frame, provenance(runs))
+
+
+def grid_tables(runs: Runs, name: str, metric: str, what: str) -> list[Table]:
+    """Per architecture and cutoff: `metric` over the p (rows) x slope (columns) grid."""
+    out = []
+    full = finished(runs.trials)
+    for arch in [a for a in ARCH_ORDER if a in set(full["params.model.arch"])]:
+        for cutoff in sorted(set(full["params.activation.cutoff"])):
+            part = full[(full["params.model.arch"] == arch)
+                        & (full["params.activation.cutoff"] == cutoff)]
+            agg = aggregate(part, ["params.activation.p", "params.activation.slope"], {"m": metric})
+            agg["cell"] = [pm(m, s) for m, s in zip(agg["m.mean"], agg["m.std"], strict=True)]
+            wide = agg.pivot(index="params.activation.p", columns="params.activation.slope",
+                             values="cell").sort_index()
+            wide = wide[sorted(wide.columns)]
+            frame = wide.reset_index()
+            frame.columns = ["p \\ slope"] + [f"s = {c:g}" for c in wide.columns]
+            frame["p \\ slope"] = [f"{p:g}" for p in frame["p \\ slope"]]
+            out.append(Table(f"{name}_{arch}_c{cutoff:g}",
+                             f"{what}, {arch}, cutoff c = {cutoff:g}", frame,
+                             provenance(Runs(part, runs.parents, runs.history))))
+    return out
+
+
+def best_table(runs: Runs, name: str, title: str, keys: list[str]) -> Table:
+    """Per architecture, the setting of `keys` with the best mean validation binary accuracy (the
+    selection never sees the test set), and its test scores."""
+    full = finished(runs.trials)
+    metrics = {"val": "metrics.val/accuracy_binary", **ACCURACY}
+    agg = aggregate(full, ["params.model.arch", *keys], metrics)
+    best = agg.loc[agg.groupby("params.model.arch", sort=False)["val.mean"].idxmax()]
+    best = _ordered(best, "params.model.arch", ARCH_ORDER)
+    frame = pd.DataFrame({_label(c): best[c].map(lambda v: f"{v:g}" if isinstance(v, float) else v)
+                          for c in ["params.model.arch", *keys]})
+    frame["val binary"] = [f"{v:.3f}" for v in best["val.mean"]]
+    for metric in ACCURACY:
+        frame[f"test {metric}"] = [pm(m, s) for m, s in
+                                   zip(best[f"{metric}.mean"], best[f"{metric}.std"], strict=True)]
+    return Table(name, title, frame.reset_index(drop=True), provenance(runs))
+
+
+def diagnostics_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
+    """The activation diagnostics at the last epoch, mean +- std over seeds."""
+    columns = {"saturated": "metrics.act/saturated_fraction", "ones": "metrics.act/ones_fraction",
+               "bit entropy": "metrics.act/bit_entropy", "flip rate": "metrics.act/flip_rate"}
+    return _stat_table(runs, name, title, variants, columns, digits=3)
+
+
+def cost_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
+    """Parameters, binarized units (bits per example) and seconds per training epoch."""
+    full = finished(runs.trials)
+    epoch = runs.history[runs.history["key"] == "time/epoch_s"].groupby("run_id")["value"].mean()
+    full = full.assign(epoch_s=full["run_id"].map(epoch))
+    agg = aggregate(full, ["params.model.arch", "tags.trial.variant"],
+                    {"params": "metrics.model/params", "bits": "metrics.model/binary_units",
+                     "s": "epoch_s"})
+    agg = _ordered(_ordered(agg, "tags.trial.variant", variants), "params.model.arch", ARCH_ORDER)
+    frame = pd.DataFrame({"architecture": agg["params.model.arch"],
+                          "variant": agg["tags.trial.variant"],
+                          "parameters": agg["params.mean"].map(lambda v: f"{v:,.0f}"),
+                          "binary units (bits)": agg["bits.mean"].map(lambda v: f"{v:,.0f}"),
+                          "s / epoch": [pm(m, s, 2) for m, s in
+                                        zip(agg["s.mean"], agg["s.std"], strict=True)]})
+    return Table(name, title, frame.reset_index(drop=True), provenance(runs))
+
+
+def _stat_table(runs: Runs, name: str, title: str, variants: list[str], columns: dict[str, str],
+                digits: int) -> Table:
+    full = finished(runs.trials)
+    present = {k: v for k, v in columns.items() if v in full.columns}
+    agg = aggregate(full, ["params.model.arch", "tags.trial.variant"], present)
+    agg = _ordered(_ordered(agg, "tags.trial.variant", variants), "params.model.arch", ARCH_ORDER)
+    frame = pd.DataFrame({"architecture": agg["params.model.arch"],
+                          "variant": agg["tags.trial.variant"]})
+    for label in present:
+        frame[label] = [pm(m, s, digits) for m, s in
+                        zip(agg[f"{label}.mean"], agg[f"{label}.std"], strict=True)]
+    return Table(name, title, frame.reset_index(drop=True), provenance(runs))
+
+
+def _label(column: str) -> str:
+    return {"params.model.arch": "architecture", "tags.trial.variant": "variant"}.get(
+        column, column.removeprefix("params.").removeprefix("activation."))
+
+
+def _tex(value) -> str:
+    text = str(value)
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"),
+                 ("#", r"\#"), ("±", r"$\pm$"), ("—", "--"), ("≥", r"$\geq$")):
+        text = text.replace(a, b)
+    return text
+
