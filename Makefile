@@ -66,7 +66,7 @@ train: setup data ## One trial: make train ARGS="--set activation.p=0.5 --set mo
 	$(PY) -m study train $(ARGS)
 
 sweep: setup data ## Run or resume a sweep [SPEC=...] [SMOKE=1] [RAY_ADDRESS=http://head:8265] [MLFLOW_TRACKING_URI=...] [STORAGE=...]
-	$(PY) -m sweeps check $(if $(SMOKE),--smoke) $(SPEC)
+	$(PY) -m sweeps check --reachable $(if $(SMOKE),--smoke) $(SPEC)
 ifdef RAY_ADDRESS
 	@test -n "$(MLFLOW_TRACKING_URI)" || { echo "error: a cluster sweep needs MLFLOW_TRACKING_URI (a tracking server)"; exit 2; }
 	@test -n "$(STORAGE)" || { echo "error: a cluster sweep needs STORAGE (a shared path or s3://...)"; exit 2; }

@@ -4,6 +4,7 @@
 `/usr/share/datasets/fashion-mnist` (package `dataset-fashion-mnist`), the Keras cache
 (`$KERAS_HOME/datasets/fashion-mnist`, default `~/.keras`), then downloads them with Keras.
 `digits` is scikit-learn's embedded 8x8 set; `synthetic` is generated (tests and benchmarks).
+STUDY_OFFLINE=1 never downloads (a cluster without internet: the error then says what to do).
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def load(config: DataConfig) -> Dataset:
 
 
 def fashion_mnist_dirs() -> list[Path]:
-    """Where Fashion-MNIST's IDX files are looked for, in order."""
+    """Where Fashion-MNIST's IDX files are looked for, in order ($STUDY_SYSTEM_DATA_DIR replaces
+    the Debian folder on systems that put the package's files elsewhere)."""
     dirs = [Path(os.environ["STUDY_DATA_DIR"])] if os.environ.get("STUDY_DATA_DIR") else []
+    system = Path(os.environ.get("STUDY_SYSTEM_DATA_DIR") or DEBIAN_DIR)
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    return [*dirs, DEBIAN_DIR, keras_home / "datasets" / "fashion-mnist"]
+    return [*dirs, system, keras_home / "datasets" / "fashion-mnist"]
 
 
 def find_fashion_mnist() -> Path | None:
@@ -91,7 +94,7 @@ def fashion_mnist(download: bool = True):
                 arrays["x_test"][..., None], arrays["y_test"].astype(np.int32), 1 / 255)
     looked = ", ".join(str(d) for d in fashion_mnist_dirs())
     fix = "run `make data` or set STUDY_DATA_DIR to a folder holding the four *-ubyte.gz files"
-    if not download:
+    if not download or os.environ.get("STUDY_OFFLINE") == "1":
         raise DatasetNotFound(f"Fashion-MNIST not found in {looked}: {fix}")
     try:
         import keras

@@ -14,7 +14,10 @@ import sys
 
 # Ray Tune's own console output gives way to sweeps.runner.Progress; its per-trial records stay.
 QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-         "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_DEDUP_LOGS": "1"}
+         "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_DEDUP_LOGS": "1",
+         # a tracking server that is away fails fast; the tracker queues and replays instead
+         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate specs")
     check.add_argument("specs", nargs="+")
     check.add_argument("--smoke", action="store_true")
+    check.add_argument("--reachable", action="store_true",
+                       help="also check that $RAY_ADDRESS and $MLFLOW_TRACKING_URI answer")
     args = parser.parse_args(argv)
 
     from sweeps.spec import SpecError, load_spec
@@ -37,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.command == "check":
+        if args.reachable:
+            from sweeps.preflight import SweepError, check_ray, check_tracking
+
+            try:
+                check_ray(os.environ.get("RAY_ADDRESS"))
+                if os.environ.get("MLFLOW_TRACKING_URI"):
+                    check_tracking(os.environ["MLFLOW_TRACKING_URI"])
+            except SweepError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         for spec in specs:
             print(f"{spec.path}: ok ({spec.num_trials} trials, {spec.search.algorithm})")
         return 0

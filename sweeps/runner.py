@@ -19,16 +19,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.config import TrialConfig
 from study.data import load
+from study.data import DatasetNotFound
 from sweeps import tracking
+from sweeps.preflight import SweepError, check_ray, check_tracking
 from sweeps.space import DefineByRun, sampler
 from sweeps.spec import SweepSpec
 from sweeps.trainable import run_trial
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot start (an unreachable service); the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -52,15 +50,17 @@ class Settings:
 
 
 def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
-    """Run (or resume) the sweep to the end and close its MLflow runs."""
-    client = MlflowClient(settings.tracking_uri)
+    """Run (or resume) the sweep to the end and close its MLflow runs. The data, the tracking store
+    and the Ray cluster are checked before anything is started or written."""
     try:
-        exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
-    except Exception as err:
-        raise SweepError(f"MLflow tracking store {settings.tracking_uri} is unreachable: "
-                         f"{tracking._summary(str(err))}") from err
+        dataset = load(TrialConfig.from_flat(spec.fixed).data)
+    except DatasetNotFound as err:
+        raise SweepError(str(err)) from err
+    check_tracking(settings.tracking_uri)
+    check_ray(os.environ.get("RAY_ADDRESS"))
     _start_ray()
-    dataset = load(TrialConfig.from_flat(spec.fixed).data)
+    client = MlflowClient(settings.tracking_uri)
+    exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, dataset=dataset),
         {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
