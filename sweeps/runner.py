@@ -18,8 +18,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from study.config import TrialConfig
-from study.data import load
-from study.data import DatasetNotFound
+from study.data import DatasetNotFound, load
 from sweeps import tracking
 from sweeps.preflight import SweepError, check_ray, check_tracking
 from sweeps.space import DefineByRun, sampler
