@@ -14,9 +14,10 @@ UI_PORT ?= 5000
 LOCAL_TRACKING := sqlite:///$(CURDIR)/runs/mlflow.db
 # Passed on to a Ray job. Never the token: `ray job submit` (with RAY_AUTH_MODE=token) reads it from
 # RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token itself.
+GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null)
+GIT_DIRTY = $(shell test -z "$$(git status --porcelain 2>/dev/null)" && echo false || echo true)
 JOB_ENV = {"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \
-  "STUDY_GIT_COMMIT": "$$(git rev-parse HEAD 2>/dev/null)", \
-  "STUDY_GIT_DIRTY": "$$(test -z "$$(git status --porcelain 2>/dev/null)" && echo false || echo true)"}, \
+  "STUDY_GIT_COMMIT": "$(GIT_COMMIT)", "STUDY_GIT_DIRTY": "$(GIT_DIRTY)"}, \
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
 
 PAPER_SPECS := sweeps/specs/t1_main.yaml sweeps/specs/t2_grid.yaml sweeps/specs/t3_ablations.yaml
@@ -25,7 +26,10 @@ SIZE ?= full
 
 NOTEBOOKS := $(wildcard analysis/notebooks/*.py)
 
-.PHONY: help setup lock data test test-fast lint train sweep ui paper-sweeps paper tables notebooks clean
+LOCAL_STACK := sweeps/cluster/local
+
+.PHONY: help setup lock data system-deps test test-fast test-integration lint train sweep ui \
+	paper-sweeps paper tables notebooks cluster-up cluster-down mlflow-server mlflow-server-down clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,11 +57,21 @@ data: setup ## Install Fashion-MNIST (Debian's dataset-fashion-mnist where apt w
 	  $(PY) -m study data --no-download; \
 	else $(PY) -m study data; fi
 
-test: setup data lint ## All tests, slow ones included (what CI runs)
-	$(PY) -m pytest
+system-deps: ## PostgreSQL and Chromium from Debian (make mlflow-server, the integration tests)
+	@if ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && command -v chromium >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq postgresql chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq postgresql chromium >/dev/null; }; \
+	else echo "error: install PostgreSQL and Chromium (Debian: apt-get install postgresql chromium)"; exit 2; fi
+
+test: setup data lint ## All tests but the integration ones, slow ones included (CI runs both)
+	$(PY) -m pytest -m "not integration"
+
+test-integration: setup data system-deps ## Two-node Ray cluster, MLflow on PostgreSQL, faults, browser
+	$(PY) -m pytest -m integration
 
 test-fast: setup ## The fast tests only (no Fashion-MNIST training, no servers)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not integration"
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check study sweeps analysis tests
@@ -99,6 +113,18 @@ notebooks: setup ## Execute analysis/notebooks/*.py headless into runs/notebooks
 	  $(VENV)/bin/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
 	    runs/notebooks/$$name.ipynb --output-dir runs/notebooks; \
 	done
+
+cluster-up: setup data ## A two-node Ray cluster on this machine (127.0.0.1, token auth); prints RAY_ADDRESS
+	$(LOCAL_STACK)/ray-cluster.sh up
+
+cluster-down: ## Stop the cluster of cluster-up (by its process groups)
+	$(LOCAL_STACK)/ray-cluster.sh down
+
+mlflow-server: setup system-deps ## MLflow tracking server on PostgreSQL, http://127.0.0.1:5001
+	$(LOCAL_STACK)/mlflow-server.sh up
+
+mlflow-server-down: ## Stop the server and the database of mlflow-server
+	$(LOCAL_STACK)/mlflow-server.sh down
 
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs

@@ -102,7 +102,7 @@ def _start_ray() -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "

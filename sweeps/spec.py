@@ -17,6 +17,7 @@ Space entries (`when` makes an entry exist only for some values of an earlier ke
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -86,9 +87,10 @@ class Resources:
 @dataclass(frozen=True)
 class SweepSpec:
     name: str
-    path: str
+    path: str  # as given (recorded in the runs' tags)
     digest: str  # sha256 of the file's text, first 12 hex digits
     smoke: bool
+    file: Path | None = None  # the absolute path, read at load time
     description: str = ""
     metric: str = "val/accuracy_binary"
     mode: str = "max"
@@ -165,7 +167,8 @@ def load_spec(path: str | Path, smoke: bool = False) -> SweepSpec:
         at = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(f"{where}: not valid YAML{at}: {problem}") from err
-    return parse_spec(raw, where, hashlib.sha256(text.encode()).hexdigest()[:12], smoke)
+    spec = parse_spec(raw, where, hashlib.sha256(text.encode()).hexdigest()[:12], smoke)
+    return dataclasses.replace(spec, file=path.resolve())
 
 
 def parse_spec(raw: Any, where: str, digest: str, smoke: bool) -> SweepSpec:

@@ -70,7 +70,9 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -
     if experiment is not None:
         return experiment.experiment_id
     location = (artifact_root / name).resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    # a training experiment (the MLflow 3 UI otherwise opens it as a GenAI one)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list:
@@ -99,7 +101,7 @@ def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[s
               "search.samples": spec.num_trials, "scheduler": spec.scheduler.name,
               "resources.cpus": spec.resources.cpus, "resources.gpus": spec.resources.gpus}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    client.log_artifact(run.info.run_id, spec.path)
+    client.log_artifact(run.info.run_id, str(spec.file or spec.path))
     return run.info.run_id
 
 

@@ -37,7 +37,7 @@ stop_mlflow() {
   [ -f "$DIR/mlflow.pid" ] || return 0
   local pid; pid=$(cat "$DIR/mlflow.pid")
   kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
+  for _ in $(seq 10); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
   kill -KILL -- "-$pid" 2>/dev/null || true
   rm -f "$DIR/mlflow.pid"
 }

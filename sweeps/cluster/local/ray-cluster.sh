@@ -3,7 +3,7 @@
 # token authentication on, every port on 127.0.0.1. Used by `make cluster-up` / `make cluster-down`
 # and by the integration tests; each node runs under `ray start --block` in its own process group,
 # stopped by that group's id (never `ray stop`, which would stop every Ray on the machine).
-#   ray-cluster.sh up | down | down-worker | status
+#   ray-cluster.sh up | down | down-worker | up-worker | status
 # State (pids, token, logs) in $CLUSTER_DIR (default runs/cluster). Clients use:
 #   RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$CLUSTER_DIR/auth_token
 set -euo pipefail
@@ -13,6 +13,9 @@ BIN=$ROOT/.venv/bin
 GCS_PORT=${RAY_GCS_PORT:-6390}
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8275}
 BASE=${RAY_PORT_BASE:-21000}  # each node takes ports BASE+node*1000 .. +999
+# The worker node keeps its own session folder: two nodes sharing one would each garbage-collect
+# the other's runtime-environment files (a job's working directory vanishes under its driver).
+WORKER_TMP=${RAY_WORKER_TMP:-/tmp/ray-worker-$GCS_PORT}
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token PATH=$BIN:$PATH
 export RAY_USAGE_STATS_ENABLED=0 TF_CPP_MIN_LOG_LEVEL=2
 
@@ -53,7 +56,7 @@ stop_node() {
   [ -f "$pidfile" ] || return 0
   local pid; pid=$(cat "$pidfile")
   kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
+  for _ in $(seq 10); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 1; done
   kill -KILL -- "-$pid" 2>/dev/null || true
   rm -f "$pidfile"
 }
@@ -68,13 +71,17 @@ case ${1:-} in
       --dashboard-port "$DASHBOARD_PORT" --ray-client-server-port $((BASE + 7)) --num-cpus 1 \
       $(node_ports 0)
     wait_nodes 1 90
-    start_node worker --address "127.0.0.1:$GCS_PORT" --num-cpus 1 $(node_ports 1)
+    start_node worker --address "127.0.0.1:$GCS_PORT" --num-cpus 1 --temp-dir "$WORKER_TMP" $(node_ports 1)
     wait_nodes 2 90
     echo "Ray cluster up: 2 nodes; RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT" \
       "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token"
     ;;
   down-worker) stop_node worker ;;
+  up-worker)
+    start_node worker --address "127.0.0.1:$GCS_PORT" --num-cpus 1 --temp-dir "$WORKER_TMP" $(node_ports 1)
+    wait_nodes 2 90
+    ;;
   down) stop_node worker; stop_node head; echo "Ray cluster down" ;;
   status) echo "alive nodes: $(alive_nodes | tail -1)" ;;
-  *) echo "usage: $0 up|down|down-worker|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|down-worker|up-worker|status" >&2; exit 2 ;;
 esac
