@@ -29,7 +29,7 @@ NOTEBOOKS := $(wildcard analysis/notebooks/*.py)
 LOCAL_STACK := sweeps/cluster/local
 
 .PHONY: help setup lock data system-deps test test-fast test-integration lint train sweep ui \
-	paper-sweeps paper tables notebooks cluster-up cluster-down mlflow-server mlflow-server-down clean
+	paper-sweeps paper tables notebooks bench cluster-up cluster-down mlflow-server mlflow-server-down clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -74,7 +74,7 @@ test-fast: setup ## The fast tests only (no Fashion-MNIST training, no servers)
 	$(PY) -m pytest -m "not slow and not integration"
 
 lint: setup ## ruff
-	$(VENV)/bin/ruff check study sweeps analysis tests
+	$(VENV)/bin/ruff check study sweeps analysis tests bench
 
 train: setup data ## One trial: make train ARGS="--set activation.p=0.5 --set model.arch=cnn"
 	$(PY) -m study train $(ARGS)
@@ -125,6 +125,9 @@ mlflow-server: setup system-deps ## MLflow tracking server on PostgreSQL, http:/
 
 mlflow-server-down: ## Stop the server and the database of mlflow-server
 	$(LOCAL_STACK)/mlflow-server.sh down
+
+bench: setup data ## The six benchmarks, side by side; writes bench/results.json and bench/results.md
+	$(PY) bench/run.py
 
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs

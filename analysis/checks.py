@@ -9,6 +9,9 @@ from analysis.runs import Runs
 from analysis.tables import finished
 
 SELECTION = "metrics.val/accuracy_binary"
+# Ends of a parameter's valid range: a best value there cannot be searched beyond.
+LIMITS = {"params.activation.p": (0.0, 1.0), "params.activation.cutoff": (1.0, None),
+          "params.activation.noise_std": (0.0, None), "params.activation.p_ramp_steps": (0, None)}
 
 
 def swept(trials: pd.DataFrame) -> list[str]:
@@ -38,7 +41,11 @@ def checks(runs: Runs) -> list[str]:
     for column in swept(full):
         low, high = full[column].min(), full[column].max()
         if best[column] in (low, high):
+            end = "low" if best[column] == low else "high"
+            limit = LIMITS.get(column, (None, None))[0 if end == "low" else 1]
+            advice = ("which is also the end of its valid range" if best[column] == limit
+                      else "widen the range")
             lines.append(f"{name}: the best trial's {column.removeprefix('params.')} = "
-                         f"{best[column]:g} is at the {'low' if best[column] == low else 'high'} "
-                         f"end of the searched range [{low:g}, {high:g}]: widen it")
+                         f"{best[column]:g} is at the {end} end of the searched range "
+                         f"[{low:g}, {high:g}], {advice}")
     return lines

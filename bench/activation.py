@@ -115,7 +115,8 @@ def throughput(rounds: int = 15, steps: int = 20) -> dict[str, float]:
     y = tf.constant(rng.integers(0, 10, BATCH).astype(np.int32))
     step = train_step(mlp(lambda: SigmoidOrBinary(p=0.5, seed=0)))
     acts = [tf.constant(rng.random((BATCH, d), dtype=np.float32)) for d in dims]
-    weights = [tf.constant(rng.random((a, b), dtype=np.float32)) for a, b in zip(dims, dims[1:])]
+    shapes = list(zip(dims, dims[1:], strict=False))
+    weights = [tf.constant(rng.random(shape, dtype=np.float32)) for shape in shapes]
 
     @tf.function
     def matmuls():  # forward, weight gradient and input gradient of every dense layer
@@ -126,7 +127,7 @@ def throughput(rounds: int = 15, steps: int = 20) -> dict[str, float]:
             total += tf.reduce_sum(tf.matmul(acts[i + 1], w, transpose_b=True)) * 0
         return total
 
-    flops = 3 * 2 * BATCH * sum(a * b for a, b in zip(dims, dims[1:]))
+    flops = 3 * 2 * BATCH * sum(a * b for a, b in zip(dims, dims[1:], strict=False))
     times = interleaved({"step": lambda: step(x, y), "matmuls": matmuls}, rounds, steps)
     step_s, matmul_s = statistics.median(times["step"]), statistics.median(times["matmuls"])
     return {"step GFLOP/s": flops / step_s / 1e9, "matmul GFLOP/s": flops / matmul_s / 1e9,
