@@ -135,9 +135,9 @@ def throughput(rounds: int = 15, steps: int = 20) -> dict[str, float]:
 
 
 def input_pipeline(rounds: int = 3) -> dict[str, float]:
-    """A training epoch of Fashion-MNIST (MLP 256-128, batch 128) through the project's data path
-    (uint8 in memory, per-epoch stateless shuffle, gather + scale per batch) against the same epoch
-    from float tensors already in memory."""
+    """A training epoch of Fashion-MNIST (the MLP above, batch 128) through the project's data path
+    (`study.train.batches`: per-epoch stateless shuffle, one gather per batch) against the same
+    epoch from float tensors already in memory, unshuffled."""
     data = load(DataConfig())
     model = mlp(lambda: SigmoidOrBinary(p=0.5, seed=0))
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -43,6 +43,9 @@ def main() -> int:
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
                f"{os.cpu_count()} CPU cores, {platform.python_implementation()} "
                f"{platform.python_version()}", "benchmarks": {}}
+    previous = HERE / "results.json"
+    if args.only != parser.get_default("only") and previous.exists():  # refresh some, keep others
+        results["benchmarks"] = json.loads(previous.read_text())["benchmarks"]
     for name in args.only.split(","):
         start = time.perf_counter()
         figures = run[name]()

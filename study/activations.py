@@ -179,6 +179,8 @@ def _coin_op(z: tf.Tensor, coin, slope: float, cutoff: float, surrogate: str) ->
             y = hard(z)
         elif coin is False:
             y = _saturate(sig, cutoff)
+        elif coin.shape.rank == 0:  # one coin for the batch: compute only the branch it chose
+            y = tf.cond(coin, lambda: hard(z), lambda: _saturate(sig, cutoff))
         else:
             y = tf.where(coin, hard(z), _saturate(sig, cutoff))
 

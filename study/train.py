@@ -143,15 +143,17 @@ def make_optimizer(cfg: OptimConfig) -> keras.optimizers.Optimizer:
 def batches(x: np.ndarray, y: np.ndarray, scale: float, batch_size: int, seed: int, *,
             first_epoch: int, epochs: int) -> tf.data.Dataset:
     """Batches for epochs first_epoch..epochs-1; epoch e is shuffled by the stateless seed (seed, e),
-    so a resumed run sees the same order as an unbroken one. Images stay uint8 until batched."""
-    images, labels, n = tf.constant(x), tf.constant(y), len(x)
+    so a resumed run sees the same order as an unbroken one. The uint8 images (what Ray's object
+    store shares) are scaled to float once per trial; a batch is then a single gather."""
+    images = tf.cast(tf.constant(x), tf.float32) * scale
+    labels, n = tf.constant(y), len(x)
 
     def epoch_order(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([seed, epoch]))
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
     def gather(index):
-        return tf.cast(tf.gather(images, index), tf.float32) * scale, tf.gather(labels, index)
+        return tf.gather(images, index), tf.gather(labels, index)
 
     epochs_ds = tf.data.Dataset.range(first_epoch, epochs).map(lambda e: tf.cast(e, tf.int32))
     return (epochs_ds.flat_map(epoch_order)

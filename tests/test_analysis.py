@@ -114,3 +114,12 @@ def test_notebooks_execute(store, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (tmp_path / f"{notebook.stem}.html").stat().st_size > 10_000
     assert os.path.exists(tmp_path / "out" / "tables" / "t1_main.md")
+
+
+def test_committed_paper_files_regenerate_byte_for_byte_from_the_export(tmp_path):
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    analysis(env, "tables", "--source", str(ROOT / "paper" / "runs"), "--out", str(tmp_path))
+    for part in ("tables", "figures"):
+        assert _identical(filecmp.dircmp(ROOT / "paper" / part, tmp_path / part)), part
+    assert (ROOT / "paper" / "checks.md").read_bytes() == (tmp_path / "checks.md").read_bytes()
