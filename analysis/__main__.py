@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
     names = list(paper.experiments(args.smoke).values())
     source = args.source or default_source(names)
-    loaded = runs.load(source, names)
+    try:
+        loaded = runs.load(source, names)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if loaded.trials.empty:
         print(f"error: no runs of {', '.join(names)} in {source}", file=sys.stderr)
         return 2

@@ -90,6 +90,9 @@ def export(runs: Runs, folder: str | Path) -> None:
 
 def load(source: str, experiments: list[str]) -> Runs:
     """`source` is a tracking URI or an export folder (one holding runs.csv)."""
+    if "://" not in source and not Path(source, "runs.csv").is_file():
+        raise FileNotFoundError(f"{source}: no runs.csv here (an export folder or a tracking URI "
+                                "was expected)")
     if Path(source, "runs.csv").is_file():
         runs = from_export(source)
         keep = runs.trials["experiment"].isin(experiments)

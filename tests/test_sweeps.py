@@ -115,8 +115,8 @@ LOGICAL_GPUS = """
 import os, sys, ray
 from sweeps import runner
 from sweeps.spec import load_spec
-ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-         log_to_driver=False)
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+         _node_ip_address="127.0.0.1", log_to_driver=False)
 runner.run(load_spec(sys.argv[1]), runner.Settings.from_env())
 """
 

@@ -81,7 +81,13 @@ case ${1:-} in
     start_node worker --address "127.0.0.1:$GCS_PORT" --num-cpus 1 --temp-dir "$WORKER_TMP" $(node_ports 1)
     wait_nodes 2 90
     ;;
-  down) stop_node worker; stop_node head; echo "Ray cluster down" ;;
+  down)
+    stop_node worker; stop_node head
+    # `ray start --head` left its address for ray.init() to find: forget it, it is gone now
+    current=/tmp/ray/ray_current_cluster
+    if [ -f "$current" ] && grep -q ":$GCS_PORT\$" "$current"; then rm -f "$current"; fi
+    echo "Ray cluster down"
+    ;;
   status) echo "alive nodes: $(alive_nodes | tail -1)" ;;
   *) echo "usage: $0 up|down|down-worker|up-worker|status" >&2; exit 2 ;;
 esac
