@@ -141,7 +141,7 @@ class TrialConfig:
         items = _all_items(base or cls())
         for key, value in flat.items():
             if key not in items:
-                raise ConfigError(f"{key}: unknown key{_did_you_mean(key, items)}")
+                raise ConfigError(f"{key}: unknown key{did_you_mean(key, items)}")
             items[key] = _coerce(key, value, _ANNOTATIONS[key])
         for key in flat:
             if not _applies(key, items):
@@ -244,9 +244,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
     if origin is Literal:
         ok = isinstance(value, str) and value in typing.get_args(annotation)
     elif origin is tuple:
-        ok = isinstance(value, tuple) and all(_is_int(v) for v in value)
+        ok = isinstance(value, tuple) and all(is_int(v) for v in value)
     elif annotation is int:
-        ok = _is_int(value)
+        ok = is_int(value)
     elif annotation is float:
         ok = isinstance(value, float)
     elif annotation is bool:
@@ -257,11 +257,13 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
         raise ConfigError(f"{key} = {_show(value)}: expected {_type_name(annotation)}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _did_you_mean(key: str, known: Iterable[str]) -> str:
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """" (did you mean X?)" for the closest known name, or ""."""
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 

@@ -46,13 +46,14 @@ class Evaluator:
         for start in range(0, len(x), self.batch_size):
             xb = tf.constant(x[start:start + self.batch_size])
             yb = tf.constant(y[start:start + self.batch_size])
-            cb, cs, ones, sat, codes = (t.numpy() for t in self._batch(xb, yb, scale))
+            cb, cs, ones, sat, codes = self._batch(xb, yb, scale)
             correct_binary += int(cb)
             correct_soft += int(cs)
             saturated += int(sat)
+            ones = ones.numpy()
             ones_per_unit = ones if ones_per_unit is None else ones_per_unit + ones
-            if diagnostics and start < self.probe:
-                probe_codes.append(codes[: self.probe - start])
+            if diagnostics and start < self.probe:  # only the probe's codes leave TensorFlow
+                probe_codes.append(codes[: self.probe - start].numpy())
         n = len(x)
         stats = {}
         if diagnostics:

@@ -82,15 +82,15 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
     status = "FAILED"
     try:
         results = tuner.fit()
-        # Ray Tune stops gracefully on Ctrl-C and returns: whatever is still open was cut short.
-        status = "KILLED" if tracking.close_stale_runs(client, exp_id, spec.sweep_id,
-                                                       role="trial") else "FINISHED"
+        status = "FINISHED"
         return results
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial")
+        # Ray Tune stops gracefully on Ctrl-C and returns: trial runs still open were cut short.
+        if tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial"):
+            status = "KILLED" if status == "FINISHED" else status
         client.set_terminated(parent, status=status)
 
 
@@ -106,7 +106,7 @@ def _start_ray() -> None:
                      _node_ip_address="127.0.0.1", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "
-                         f"{tracking._summary(str(err))}") from err
+                         f"{tracking.summary(str(err))}") from err
 
 
 def _param_space(spec: SweepSpec) -> dict:

@@ -18,7 +18,6 @@ Space entries (`when` makes an entry exist only for some values of an earlier ke
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from study.config import ALL_KEYS, ConfigError, TrialConfig
+from study.config import ALL_KEYS, ConfigError, TrialConfig, did_you_mean, is_int
 from study.names import EPOCH_METRICS, FINAL_METRICS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
@@ -195,7 +194,7 @@ def parse_spec(raw: Any, where: str, digest: str, smoke: bool) -> SweepSpec:
         fail("metric", f"{metric} is measured on the test set; a sweep selects on validation metrics")
     if metric not in EPOCH_METRICS:
         fail("metric", f"{metric!r} is not a metric the trials report (one of "
-                       f"{', '.join(EPOCH_METRICS)}){_did_you_mean(metric, EPOCH_METRICS)}")
+                       f"{', '.join(EPOCH_METRICS)}){did_you_mean(metric, EPOCH_METRICS)}")
     if mode not in ("max", "min"):
         fail("mode", f"expected max or min, got {mode!r}")
 
@@ -211,7 +210,7 @@ def parse_spec(raw: Any, where: str, digest: str, smoke: bool) -> SweepSpec:
         fail("scheduler.name", f"expected one of {', '.join(SCHEDULERS)}, got {scheduler.name!r}")
     epochs = TrialConfig.from_flat(fixed).budget.epochs
     if scheduler.name == "asha":
-        if not _is_int(scheduler.grace_period) or not 1 <= scheduler.grace_period <= epochs:
+        if not is_int(scheduler.grace_period) or not 1 <= scheduler.grace_period <= epochs:
             fail("scheduler.grace_period", f"expected an integer in [1, budget.epochs = {epochs}]")
         if not _is_number(scheduler.reduction_factor) or scheduler.reduction_factor <= 1:
             fail("scheduler.reduction_factor", "expected a number > 1")
@@ -222,7 +221,7 @@ def parse_spec(raw: Any, where: str, digest: str, smoke: bool) -> SweepSpec:
         fail("resources.gpus", f"expected 0, a fraction below 1 or a whole number, got {gpus!r}")
 
     seeds = raw.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds)
+    if (not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds)
             or len(set(seeds)) != len(seeds)):
         fail("seeds", f"expected a non-empty list of distinct integers >= 0, got {seeds!r}")
     if len(seeds) > 1 and search.algorithm != "grid":
@@ -249,7 +248,7 @@ def parse_spec(raw: Any, where: str, digest: str, smoke: bool) -> SweepSpec:
             _check_config(flat, f"variants.{variant_name}" if variant_name else "space", fail)
 
     max_failures = raw.get("max_failures", 2)
-    if not _is_int(max_failures) or max_failures < 0:
+    if not is_int(max_failures) or max_failures < 0:
         fail("max_failures", f"expected an integer >= 0, got {max_failures!r}")
     save_model = raw.get("save_model", False)
     if not isinstance(save_model, bool):
@@ -279,7 +278,7 @@ def _parse_space(raw: dict, fixed: dict, search: Search, fail) -> tuple[Dimensio
         if key == "seed":
             fail(where, "seeds are set with the top-level `seeds` list")
         if key not in known:
-            fail(where, f"unknown trial key{_did_you_mean(key, known)}")
+            fail(where, f"unknown trial key{did_you_mean(key, known)}")
         if key in fixed:
             fail(where, "also set in fixed; a key is either fixed or searched")
         entry = _mapping(entry, where, fail)
@@ -287,7 +286,7 @@ def _parse_space(raw: dict, fixed: dict, search: Search, fail) -> tuple[Dimensio
         for k in kinds:
             if k not in DISTRIBUTIONS:
                 fail(f"{where}.{k}", f"unknown distribution (one of {', '.join(DISTRIBUTIONS)})"
-                                     f"{_did_you_mean(k, DISTRIBUTIONS)}")
+                                     f"{did_you_mean(k, DISTRIBUTIONS)}")
         if len(kinds) != 1:
             fail(where, f"expected exactly one of {', '.join(DISTRIBUTIONS)}")
         kind, values = kinds[0], entry[kinds[0]]
@@ -300,7 +299,7 @@ def _parse_space(raw: dict, fixed: dict, search: Search, fail) -> tuple[Dimensio
         if not isinstance(values, list) or not values:
             fail(f"{where}.{kind}", "expected a non-empty list")
         if kind in ("uniform", "loguniform", "int"):
-            numeric = _is_int if kind == "int" else _is_number
+            numeric = is_int if kind == "int" else _is_number
             if len(values) != 2 or not all(numeric(v) for v in values) or values[0] >= values[1]:
                 what = "integers" if kind == "int" else "numbers"
                 fail(f"{where}.{kind}", f"expected [low, high] {what} with low < high, got {values}")
@@ -357,9 +356,9 @@ def _check_search(search: Search, fail) -> None:
                                  f"{search.algorithm!r}")
     for name in ("samples", "max_concurrent"):
         value = getattr(search, name)
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             fail(f"search.{name}", f"expected an integer >= 1, got {value!r}")
-    if not _is_int(search.seed) or search.seed < 0:
+    if not is_int(search.seed) or search.seed < 0:
         fail("search.seed", f"expected an integer >= 0, got {search.seed!r}")
 
 
@@ -380,17 +379,8 @@ def _mapping(value: Any, where: str, fail) -> dict:
 def _known_keys(raw: Mapping, allowed, prefix: str, fail) -> None:
     for key in raw:
         if key not in allowed:
-            fail(f"{prefix}{key}", f"unknown key{_did_you_mean(str(key), allowed)}")
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+            fail(f"{prefix}{key}", f"unknown key{did_you_mean(str(key), allowed)}")
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)

@@ -75,23 +75,24 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -
                                     tags={"mlflow.experimentKind": "custom_model_development"})
 
 
-def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list:
-    query = " and ".join(f"tags.`{k.replace('_', '.')}` = '{v}'" for k, v in tags.items())
+def find_runs(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> list:
+    """The runs of an experiment carrying all of `tags` (e.g. {"sweep.id": ..., "trial.id": ...})."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     return list(client.search_runs([exp_id], filter_string=query, max_results=10_000))
 
 
 def close_stale_runs(client: MlflowClient, exp_id: str, sweep_id: str, role: str = "") -> int:
     """Runs of this sweep (of one role: parent or trial) left RUNNING by a driver that died or was
     stopped: KILLED, to be reopened by a resume. Returns how many there were."""
-    tags = {"sweep_id": sweep_id, **({"sweep_role": role} if role else {})}
-    stale = [r for r in find_runs(client, exp_id, **tags) if r.info.status == "RUNNING"]
+    tags = {"sweep.id": sweep_id, **({"sweep.role": role} if role else {})}
+    stale = [r for r in find_runs(client, exp_id, tags) if r.info.status == "RUNNING"]
     for run in stale:
         client.set_terminated(run.info.run_id, status="KILLED")
     return len(stale)
 
 
 def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[str, str]) -> str:
-    existing = find_runs(client, exp_id, sweep_id=spec.sweep_id, sweep_role="parent")
+    existing = find_runs(client, exp_id, {"sweep.id": spec.sweep_id, "sweep.role": "parent"})
     if existing:
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -116,6 +117,7 @@ class MlflowTracker(tune.Callback):
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.last_step: dict[str, int] = {}  # run id -> last epoch logged
         self.pending: list[Callable[[], None]] = []
+        self.closed: set[str] = set()  # trial ids whose run this tracker closed
 
     def __getstate__(self):
         """Ray pickles the callbacks with the experiment; a restored sweep starts with empty caches
@@ -138,17 +140,16 @@ class MlflowTracker(tune.Callback):
         self._submit(lambda: self._close(trial, error=None))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        message = _summary(str(trial.get_error() or "the trial raised an error"))
+        message = _error_of(trial)
         self._submit(lambda: self._close(trial, error=message))
 
     def on_experiment_end(self, trials, **info):
         known = {trial.trial_id for trial in trials}
         for trial in trials:  # also a trial that failed before it ever started gets its run
-            if trial.status == "TERMINATED":
-                self._submit(lambda trial=trial: self._close(trial, error=None))
-            elif trial.status == "ERROR":
-                message = _summary(str(trial.get_error() or "the trial raised an error"))
-                self._submit(lambda trial=trial, message=message: self._close(trial, message))
+            if trial.trial_id in self.closed or trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            message = _error_of(trial) if trial.status == "ERROR" else None
+            self._submit(lambda trial=trial, message=message: self._close(trial, message))
         self._submit(lambda: self._drop_orphans(known))
         self.flush(deadline_s=float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600)))
 
@@ -165,7 +166,7 @@ class MlflowTracker(tune.Callback):
                 if not unreachable(err):
                     raise
                 log.warning("MLflow unreachable (%s); %d operations queued",
-                            _summary(str(err)), len(self.pending))
+                            summary(str(err)), len(self.pending))
                 return False
             self.pending.pop(0)
         return True
@@ -186,8 +187,8 @@ class MlflowTracker(tune.Callback):
         return self.runs[trial.trial_id]
 
     def _open(self, trial) -> None:
-        existing = find_runs(self.client, self.exp_id, sweep_id=self.spec.sweep_id,
-                             trial_id=trial.trial_id)
+        existing = find_runs(self.client, self.exp_id,
+                             {"sweep.id": self.spec.sweep_id, "trial.id": trial.trial_id})
         if existing:
             run = existing[0]
             run_id = run.info.run_id
@@ -227,6 +228,7 @@ class MlflowTracker(tune.Callback):
         run_id = self._run_id(trial)
         run = self.client.get_run(run_id)
         if _closed(run):
+            self.closed.add(trial.trial_id)
             return
         epochs = self.last_step.get(run_id, 0)
         diverged = "trial.failure" in run.data.tags
@@ -238,13 +240,14 @@ class MlflowTracker(tune.Callback):
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._log_artifacts(run_id, trial)
         self.client.set_terminated(run_id, status="FAILED" if error or diverged else "FINISHED")
+        self.closed.add(trial.trial_id)
 
     def _drop_orphans(self, known: set[str]) -> None:
         """A trial that started just before the driver died, after Ray Tune's last snapshot of the
         experiment, is unknown to the resumed sweep (its settings are suggested again under a new
         trial id). Its unfinished run is soft-deleted (restorable), so each trial has one run."""
-        for run in find_runs(self.client, self.exp_id, sweep_id=self.spec.sweep_id,
-                             sweep_role="trial"):
+        for run in find_runs(self.client, self.exp_id,
+                             {"sweep.id": self.spec.sweep_id, "sweep.role": "trial"}):
             if run.data.tags.get("trial.id") not in known and run.info.status != "FINISHED":
                 self.client.set_tag(run.info.run_id, "trial.orphaned", "true")
                 self.client.delete_run(run.info.run_id)
@@ -278,6 +281,11 @@ def _closed(run) -> bool:
     return run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("trial.closed") == "true"
 
 
-def _summary(text: str) -> str:
+def _error_of(trial) -> str:
+    return summary(str(trial.get_error() or "the trial raised an error"))
+
+
+def summary(text: str) -> str:
+    """The last non-empty line of an error text (a traceback ends with its message)."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from mlflow import MlflowClient
 
 from sweeps.spec import SweepSpec
@@ -121,3 +122,18 @@ def trial_worker_pids() -> list[int]:
         if cmdline.startswith("ray::ImplicitFunc"):
             pids.append(int(proc.name))
     return pids
+
+
+def edit_spec(text: str, **changes) -> str:
+    """A spec's YAML with keys changed; a key is a "/"-separated path, None removes it."""
+    spec = yaml.safe_load(text)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("/")
+        node = spec
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+    return yaml.safe_dump(spec)

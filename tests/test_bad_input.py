@@ -8,23 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from .conftest import ROOT
+from .sweep_helpers import edit_spec
 
 QUICK = (ROOT / "sweeps" / "specs" / "quick.yaml").read_text()
 
 
 def spec_with(**changes) -> str:
-    spec = yaml.safe_load(QUICK)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("/")
-        node = spec
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[last] = value
-    return yaml.safe_dump(spec)
+    return edit_spec(QUICK, **changes)
 
 
 # name -> (spec text or None for the shipped quick spec, extra environment, expected fragment)

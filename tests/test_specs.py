@@ -6,12 +6,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from sweeps.space import DefineByRun
 from sweeps.spec import SpecError, load_spec
 
 from .conftest import ROOT
+from .sweep_helpers import edit_spec
 
 SPECS = sorted((ROOT / "sweeps" / "specs").glob("*.yaml"))
 GOOD = """
@@ -32,17 +32,7 @@ def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
 
 
 def edited(**changes) -> str:
-    spec = yaml.safe_load(GOOD)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("/")
-        node = spec
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        if value is None:
-            node.pop(last)
-        else:
-            node[last] = value
-    return yaml.safe_dump(spec)
+    return edit_spec(GOOD, **changes)
 
 
 BAD = {
