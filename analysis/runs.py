@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study.names import EPOCH_METRICS, FINAL_METRICS, MODEL_METRICS
+from study.names import EPOCH_METRICS, FINAL_METRICS, TRIAL_CONSTANTS
 
-HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, *MODEL_METRICS)
+HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, *TRIAL_CONSTANTS)
 EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "trial.id", "trial.variant",
                  "trial.epochs", "trial.stopped_early", "trial.failure", "seed", "spec.path",
                  "spec.hash", "git.commit", "git.dirty")

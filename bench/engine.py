@@ -1,9 +1,10 @@
 """Benchmarks 4-6: the sweep engine's overhead, early stopping, the cost of tracking. Sweeps run
 through `python -m sweeps run` in subprocesses (fresh Ray, their own MLflow store); the trials'
-compute comes from their own timers (time/epoch_s + time/eval_s) in the same runs."""
+compute comes from their own timers (time/setup_s + time/epoch_s + time/eval_s) in the same runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,24 +19,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_spec(spec: dict, folder: Path) -> tuple[float, list]:
-    """Run a spec; (wall seconds of the command, its trial runs)."""
+    """Run a spec through `python -m sweeps run`; (wall seconds of the command, its trial runs).
+    The MLflow store exists beforehand, as for every sweep after a project's first (creating an
+    SQLite store takes ~1.5 s once)."""
     path = folder / f"{spec['name']}.yaml"
     path.write_text("# benchmark spec; make bench\n" + yaml.safe_dump(spec))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db",
            "STORAGE": str(folder / "ray"), "HOME": str(folder)}
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client.search_experiments()  # creates the store's tables
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "sweeps", "run", str(path)], cwd=ROOT, env=env,
                    check=True, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(spec["name"])
     runs = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'trial'")
     return wall, [(client, r) for r in runs]
 
 
 def compute_s(trials) -> float:
+    """The trials' own timers: building the model once, then each epoch's training and evaluation."""
     total = 0.0
     for client, run in trials:
+        total += client.get_metric_history(run.info.run_id, "time/setup_s")[0].value
         for key in ("time/epoch_s", "time/eval_s"):
             total += sum(m.value for m in client.get_metric_history(run.info.run_id, key))
     return total
@@ -49,10 +55,15 @@ def ray_startup_s() -> float:
     return float(out.stdout.split()[-1])
 
 
+SHORT_TRIALS = {"data.name": "fashion_mnist", "data.train_size": 10000, "budget.epochs": 3}
+
+
 def sweep_overhead(trials: int = 16, slots: int = 2) -> dict[str, float]:
-    """Wall time of a 16-trial sweep of short trials against the ideal: Ray start-up plus the
-    trials' own compute shared over the concurrent slots."""
-    spec = {"name": "bench-overhead", "fixed": {"data.name": "synthetic", "budget.epochs": 3},
+    """Wall time of a 16-trial sweep of short trials (MLP, 10k Fashion-MNIST images, 3 epochs)
+    against the ideal: Ray start-up plus the trials' own compute shared over the concurrent slots.
+    Then the memory of a reused worker: 16 trials through one slot, peak RSS after 16 against
+    after 2."""
+    spec = {"name": "bench-overhead", "fixed": SHORT_TRIALS,
             "space": {"activation.p": {"uniform": [0.0, 1.0]}},
             "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": slots},
             "scheduler": {"name": "none"}, "resources": {"cpus": 2 / slots}}
@@ -61,8 +72,35 @@ def sweep_overhead(trials: int = 16, slots: int = 2) -> dict[str, float]:
         compute = compute_s(runs)
     startup = ray_startup_s()
     ideal = startup + compute / slots
-    return {"sweep wall s": wall, "trial compute s": compute, "ray start-up s": startup,
-            "ideal s": ideal, "sweep / ideal": wall / ideal}
+    out = {"sweep wall s": wall, "trial compute s": compute, "ray start-up s": startup,
+           "ideal s": ideal, "sweep / ideal": wall / ideal,
+           "overhead beyond ideal s": wall - ideal}
+    one_slot = {**spec, "name": "bench-memory", "resources": {"cpus": 2},
+                "fixed": {"data.name": "synthetic", "budget.epochs": 2},
+                "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": 1}}
+    with tempfile.TemporaryDirectory() as folder:
+        run_spec(one_slot, Path(folder))
+        peaks = worker_peaks(Path(folder) / "ray")
+    [(pid, series)] = peaks.items()  # one worker ran every trial
+    out["worker trials"] = len(series)
+    out["worker peak RSS after 2 trials MB"] = series[1]
+    out[f"worker peak RSS after {len(series)} trials MB"] = series[-1]
+    out["peak RSS after 16 / after 2"] = series[-1] / series[1]
+    return out
+
+
+def worker_peaks(storage: Path) -> dict[int, list[float]]:
+    """Per worker process: its peak RSS at the end of each trial it ran, in the order it ran them
+    (from the trials' Ray Tune records)."""
+    ends = []
+    for path in storage.glob("*/*/result.json"):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        last = records[-1]
+        ends.append((last["pid"], last["timestamp"], last["worker/peak_rss_mb"]))
+    peaks: dict[int, list[float]] = {}
+    for pid, _, peak in sorted(ends, key=lambda e: e[1]):
+        peaks.setdefault(pid, []).append(peak)
+    return peaks
 
 
 def early_stopping() -> dict[str, float]:
@@ -85,40 +123,49 @@ def early_stopping() -> dict[str, float]:
 
 
 def tracking_cost(rounds: int = 3) -> dict[str, float]:
-    """One trial (Fashion-MNIST subset, 3 epochs) with every epoch logged to an MLflow store the
-    way the tracker logs it, against the same trial without; interleaved rounds, median ratio."""
+    """One trial (MLP, 10k Fashion-MNIST images, 3 epochs) through the sweep engine with the MLflow
+    tracker against the same trial without it: both in one Ray session, interleaved rounds,
+    median of the ratios of Tuner.fit wall times."""
     import statistics
 
-    from mlflow.entities import Metric
+    import ray
 
     from study.config import TrialConfig
     from study.data import load
-    from study.train import train
+    from sweeps import runner, tracking
+    from sweeps.spec import parse_spec
 
-    config = TrialConfig.from_flat({"data.train_size": 20000, "budget.epochs": 3})
-    data = load(config.data)
-    folder = tempfile.mkdtemp()
-    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-    exp = client.create_experiment("bench-tracking")
-
-    def logged():
-        run = client.create_run(exp).info.run_id
-
-        def log(epoch, metrics, state):
-            stamp = int(time.time() * 1000)
-            client.log_batch(run, metrics=[Metric(k, float(v), stamp, epoch)
-                                           for k, v in metrics.items()])
-
-        train(config, [log], dataset=data)
-        client.set_terminated(run)
-
-    times = {"with": [], "without": []}
-    candidates = [("with", logged), ("without", lambda: train(config, dataset=data))]
-    train(config, dataset=data)  # warm-up: the process's first model pays one-off start-up costs
-    for round_ in range(rounds):
-        for name, fn in candidates[:: 1 if round_ % 2 else -1]:  # alternate the order
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {"with MLflow / without": statistics.median(
-        a / b for a, b in zip(times["with"], times["without"], strict=True))}
+    folder = Path(tempfile.mkdtemp())
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    settings = runner.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
+                               folder / "mlartifacts")
+    client = MlflowClient(settings.tracking_uri)
+    dataset = load(TrialConfig.from_flat(SHORT_TRIALS).data)
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms up (first use of the object store)
+            for name in ("with", "without")[:: 1 if round_ % 2 else -1]:  # alternate the order
+                raw = {"name": f"bench-tracking-{name}-{round_}", "fixed": SHORT_TRIALS,
+                       "space": {"activation.p": {"grid": [0.5]}},
+                       "search": {"algorithm": "grid"}, "scheduler": {"name": "none"},
+                       "resources": {"cpus": 2}}
+                spec = parse_spec(raw, "bench", f"{round_:08d}", smoke=False)
+                callbacks = []
+                if name == "with":
+                    exp = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
+                    tags = tracking.provenance(spec)
+                    parent = tracking.open_parent(client, exp, spec, tags)
+                    callbacks = [tracking.MlflowTracker(spec, settings.tracking_uri, exp, parent,
+                                                        tags)]
+                start = time.perf_counter()
+                runner.new_tuner(spec, settings, dataset, callbacks).fit()
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+    return {"trial wall with MLflow s": statistics.median(times["with"]),
+            "trial wall without s": statistics.median(times["without"]),
+            "with MLflow / without": statistics.median(
+                a / b for a, b in zip(times["with"], times["without"], strict=True))}

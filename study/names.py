@@ -1,7 +1,8 @@
 """Metric names shared by the training loop, Ray Tune, MLflow and the analysis (DESIGN section 3).
 
 Per-epoch metrics are logged with step = epoch (1-based); final ones only with the last epoch.
-`model/binary_units` counts the units that the study's activation binarizes, per example (bits).
+`model/binary_units` counts the units that the study's activation binarizes, per example (bits);
+`time/setup_s` is the time to build and compile the model before the first epoch.
 """
 
 EPOCH_METRICS = (
@@ -11,4 +12,5 @@ EPOCH_METRICS = (
     "time/epoch_s", "time/eval_s",
 )
 FINAL_METRICS = ("test/accuracy_binary", "test/accuracy_soft")
-MODEL_METRICS = ("model/params", "model/binary_units")  # constant per trial, reported every epoch
+# constant per trial (per attempt, for the set-up time), reported every epoch
+TRIAL_CONSTANTS = ("model/params", "model/binary_units", "time/setup_s")

@@ -23,7 +23,7 @@ from sweeps import tracking
 from sweeps.preflight import SweepError, check_ray, check_tracking
 from sweeps.space import DefineByRun, sampler
 from sweeps.spec import SweepSpec
-from sweeps.trainable import run_trial
+from sweeps.trainable import StudyTrial
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +60,6 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
     _start_ray()
     client = MlflowClient(settings.tracking_uri)
     exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, dataset=dataset),
-        {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus},
-    )
     stale = tracking.close_stale_runs(client, exp_id, spec.sweep_id)
     tags = tracking.provenance(spec)
     parent = tracking.open_parent(client, exp_id, spec, tags)
@@ -73,12 +69,10 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
           f"{f', {stale} stale runs closed' if stale else ''}; storage {path}; MLflow "
           f"{settings.tracking_uri} experiment {spec.experiment!r}", flush=True)
     if resumed:
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=_trainable(spec, dataset), resume_errored=True)
     else:
         tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags)
-        tuner = tune.Tuner(trainable, param_space=_param_space(spec),
-                           tune_config=_tune_config(spec),
-                           run_config=_run_config(spec, settings, [tracker, Progress(spec)]))
+        tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec)])
     status = "FAILED"
     try:
         results = tuner.fit()
@@ -109,6 +103,19 @@ def _start_ray() -> None:
                          f"{tracking.summary(str(err))}") from err
 
 
+def new_tuner(spec: SweepSpec, settings: Settings, dataset, callbacks: list[tune.Callback]
+              ) -> tune.Tuner:
+    """The Tuner of a new sweep: StudyTrial on the spec's resources, searcher and scheduler."""
+    return tune.Tuner(_trainable(spec, dataset), param_space=_param_space(spec),
+                      tune_config=_tune_config(spec),
+                      run_config=_run_config(spec, settings, callbacks))
+
+
+def _trainable(spec: SweepSpec, dataset):
+    return tune.with_resources(tune.with_parameters(StudyTrial, spec=spec, dataset=dataset),
+                               {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+
+
 def _param_space(spec: SweepSpec) -> dict:
     if spec.search.algorithm == "grid":
         return {"trial": tune.grid_search(spec.grid())}
@@ -130,7 +137,7 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
                                   grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor)
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
-                           scheduler=scheduler, num_samples=samples,
+                           scheduler=scheduler, num_samples=samples, reuse_actors=True,
                            max_concurrent_trials=spec.search.max_concurrent if search_alg is None
                            else None)
 
@@ -139,7 +146,7 @@ def _run_config(spec: SweepSpec, settings: Settings, callbacks) -> tune.RunConfi
     return tune.RunConfig(
         name=spec.sweep_id, storage_path=settings.storage, callbacks=callbacks, verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_frequency=1),
     )
 
 

@@ -27,11 +27,11 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 
 from study.config import flat_to_strings
-from study.names import EPOCH_METRICS, FINAL_METRICS, MODEL_METRICS
+from study.names import EPOCH_METRICS, FINAL_METRICS, TRIAL_CONSTANTS
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
-LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, *MODEL_METRICS, "trial/diverged")
+LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, *TRIAL_CONSTANTS, "trial/diverged")
 LIBRARIES = ("tensorflow-cpu", "keras", "ray", "optuna", "mlflow", "numpy", "pandas")
 
 

@@ -1,15 +1,18 @@
-"""The Ray Tune trainable: one trial of `study.train`, reporting every epoch with a checkpoint.
+"""The Ray Tune trainable: one trial of `study.train.Trainer`, one epoch per `step`.
 
-TensorFlow is imported inside the trial (Ray Tune's advice), the dataset arrives from Ray's object
-store (put there once by the driver), and a retried trial resumes from its last checkpoint.
+A class trainable, so Ray Tune can hand a finished worker the next trial (`reuse_actors`,
+`reset_config`) instead of starting a process that imports TensorFlow again. The dataset arrives
+from Ray's object store (put there once by the driver); every epoch is checkpointed, and a retried
+trial continues from its last checkpoint exactly.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import resource
 import subprocess
-import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -20,40 +23,67 @@ from sweeps.spec import SweepSpec
 MODEL_FILE = "model.keras"
 
 
-def run_trial(sampled: dict[str, Any], *, spec: SweepSpec, dataset) -> None:
-    from study import runtime
-    from study.train import TrialDiverged, train
+class StudyTrial(tune.Trainable):
+    """setup -> step (one epoch, its metrics) ... -> done at the budget; save/load a checkpoint;
+    reset_config starts the next trial in the same worker. TensorFlow is imported here, in the
+    worker, never in the driver."""
 
-    config = spec.trial_config(sampled)
-    epochs = config.budget.epochs
-    gpu_ids = [str(i) for i in ray.get_gpu_ids()]
-    share = spec.resources.gpus
-    total_mb = gpu_memory_mb(gpu_ids[0]) if gpu_ids and 0 < share < 1 else None
-    devices = runtime.configure_gpus(share, total_mb)
-    placement = json.dumps({"node": ray.get_runtime_context().get_node_id()[:12],
-                            "gpu_ids": gpu_ids, "gpu_share": share,
-                            "gpu_memory_limit_mb": runtime.gpu_memory_limit_mb(share, total_mb),
-                            "devices": devices, "cpus": spec.resources.cpus})
+    def setup(self, config: dict[str, Any], *, spec: SweepSpec, dataset) -> None:
+        from study import runtime
 
-    def report(epoch: int, metrics: dict[str, float], state) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            state.save(folder)
-            if spec.save_model and epoch == epochs:
-                state.network.model.save(f"{folder}/{MODEL_FILE}")
-            tune.report({**metrics, "trial/placement": placement},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+        self.spec, self.dataset = spec, dataset
+        gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        share = spec.resources.gpus
+        total_mb = gpu_memory_mb(gpu_ids[0]) if gpu_ids and 0 < share < 1 else None
+        self.devices = runtime.configure_gpus(share, total_mb)  # once per worker process
+        self.placement = json.dumps({
+            "node": ray.get_runtime_context().get_node_id()[:12], "gpu_ids": gpu_ids,
+            "gpu_share": share, "gpu_memory_limit_mb": runtime.gpu_memory_limit_mb(share, total_mb),
+            "devices": self.devices, "cpus": spec.resources.cpus})
+        self._start(config)
 
-    checkpoint = tune.get_checkpoint()
-    try:
-        if checkpoint is None:
-            train(config, [report], dataset=dataset, devices=devices)
-        else:
-            with checkpoint.as_directory() as folder:
-                train(config, [report], dataset=dataset, resume_from=folder, devices=devices)
-    except TrialDiverged as err:
-        # Recorded, not retried: the same checkpoint would diverge again. NaN tells Optuna "failed".
-        tune.report({"epoch": len(err.history) + 1, spec.metric: math.nan,
-                     "trial/diverged": 1.0, "trial/failure": str(err)})
+    def _start(self, sampled: dict[str, Any]) -> None:
+        from study.train import Trainer
+
+        self.cleanup()  # let the previous trial's model go before the next one is built
+        self.trainer = Trainer(self.spec.trial_config(sampled), dataset=self.dataset,
+                               devices=self.devices)
+
+    def step(self) -> dict[str, Any]:
+        from study.train import TrialDiverged
+
+        try:
+            metrics = self.trainer.step()
+        except TrialDiverged as err:
+            # Recorded, not retried: the same checkpoint would diverge again. NaN tells Optuna
+            # "failed"; `done` ends the trial.
+            return {"epoch": len(err.history) + 1, self.spec.metric: math.nan,
+                    "trial/diverged": 1.0, "trial/failure": str(err), "done": True}
+        return {**metrics, "trial/placement": self.placement, "done": self.trainer.done,
+                "worker/peak_rss_mb": peak_rss_mb()}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        self.trainer.save(checkpoint_dir)
+        if self.spec.save_model and self.trainer.done:
+            self.trainer.network.model.save(str(Path(checkpoint_dir, MODEL_FILE)))
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        self.trainer.restore(checkpoint_dir)
+
+    def cleanup(self) -> None:
+        if getattr(self, "trainer", None) is not None:
+            self.trainer.close()
+            self.trainer = None
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self._start(new_config)
+        return True
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this worker process so far (Linux reports ru_maxrss in KiB); with
+    reused workers it shows whether trials leave memory behind."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gpu_memory_mb(gpu_id: str) -> int | None:
