@@ -110,7 +110,7 @@ def trial_results(storage: Path) -> dict[str, list[dict]]:
 
 
 def trial_worker_pids() -> list[int]:
-    """PIDs of the Ray worker processes running a trial (process title ray::StudyTrial...)."""
+    """PIDs of the Ray worker processes running a trial (process title ray::ResourceTrainable.train, Tune's wrapper of StudyTrial)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -119,7 +119,7 @@ def trial_worker_pids() -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if cmdline.startswith("ray::StudyTrial"):
+        if cmdline.startswith("ray::ResourceTrainable"):
             pids.append(int(proc.name))
     return pids
 
