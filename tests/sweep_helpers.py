@@ -110,7 +110,8 @@ def trial_results(storage: Path) -> dict[str, list[dict]]:
 
 
 def trial_worker_pids() -> list[int]:
-    """PIDs of the Ray worker processes running a trial (process title ray::ResourceTrainable.train, Tune's wrapper of StudyTrial)."""
+    """PIDs of the Ray worker processes running a trial (process title
+    ray::ResourceTrainable.train: Tune's wrapper of StudyTrial)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
