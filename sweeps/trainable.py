@@ -52,6 +52,9 @@ class StudyTrial(tune.Trainable):
     def step(self) -> dict[str, Any]:
         from study.train import TrialDiverged
 
+        if self.trainer.done:  # restored from its final checkpoint (see `restore`): report it again
+            return {**self.trainer.history[-1], "trial/placement": self.placement, "done": True,
+                    "worker/peak_rss_mb": peak_rss_mb()}
         try:
             metrics = self.trainer.step()
         except TrialDiverged as err:
@@ -67,6 +70,18 @@ class StudyTrial(tune.Trainable):
         if self.spec.save_model and self.trainer.done:
             self.trainer.network.model.save(str(Path(checkpoint_dir, MODEL_FILE)))
 
+    def restore(self, checkpoint_path):
+        """Ray Tune deletes a trial's previous checkpoint (num_to_keep) before it snapshots the
+        experiment, so a driver killed in between leaves a snapshot naming a deleted checkpoint.
+        Every checkpoint of a trial is a state of the same deterministic run: restore the newest
+        that exists instead."""
+        checkpoint = getattr(checkpoint_path, "checkpoint", None)
+        if checkpoint is not None and not _exists(checkpoint):
+            newest = _newest_sibling(checkpoint)
+            if newest is not None:
+                return super().restore(newest)
+        return super().restore(checkpoint_path)
+
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         self.trainer.restore(checkpoint_dir)
 
@@ -78,6 +93,22 @@ class StudyTrial(tune.Trainable):
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self._start(new_config)
         return True
+
+
+def _exists(checkpoint: tune.Checkpoint) -> bool:
+    from pyarrow import fs
+
+    return checkpoint.filesystem.get_file_info(checkpoint.path).type != fs.FileType.NotFound
+
+
+def _newest_sibling(checkpoint: tune.Checkpoint) -> tune.Checkpoint | None:
+    """The trial's newest checkpoint_NNNNNN folder beside a (missing) one, if any."""
+    from pyarrow import fs
+
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    found = [info.path for info in checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
+             if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
+    return tune.Checkpoint(max(found), filesystem=checkpoint.filesystem) if found else None
 
 
 def peak_rss_mb() -> float:

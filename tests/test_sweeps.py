@@ -111,6 +111,31 @@ def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.integration  # the race of fault 1: Ray Tune deleted the checkpoint its snapshot names
+def test_a_resumed_trial_whose_snapshot_names_a_deleted_checkpoint_uses_the_newest(tmp_path):
+    path = tmp_path / "race.yaml"
+    path.write_text(SLOW_TRIALS.format(name="race", epochs=4, samples=1))
+    spec = load_spec(path)
+    env = sweep_env(tmp_path)
+    storage = tmp_path / "ray"
+    proc = start_sweep(path, env)
+    try:
+        wait_for(lambda: any(len(r) >= 2 for r in trial_results(storage).values()), 300,
+                 "two epochs of the trial", proc)
+    finally:
+        kill_group(proc)
+    [trial_dir] = {p.parent for p in storage.glob("*/*/result.json")}
+    for checkpoint in sorted(trial_dir.glob("checkpoint_*"), reverse=True):  # all "newer" ones
+        index = int(checkpoint.name.removeprefix("checkpoint_"))
+        checkpoint.rename(trial_dir / f"checkpoint_{index + 100:06d}")
+    out = run_sweep(path, env)
+    assert "1 trials, 0 failed" in out
+    [child] = assert_complete(spec, env)
+    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4]
+    epochs = [r["epoch"] for r in trial_results(storage)[trial_dir.name]]
+    assert epochs[-1] == 4 and 1 not in epochs[epochs.index(2) + 1:]  # resumed, not restarted
+
+
 LOGICAL_GPUS = """
 import os, sys, ray
 from sweeps import runner
