@@ -134,7 +134,7 @@ def throughput(rounds: int = 15, steps: int = 20) -> dict[str, float]:
             "step / matmul limit": matmul_s / step_s}
 
 
-def input_pipeline(rounds: int = 3) -> dict[str, float]:
+def input_pipeline(rounds: int = 7) -> dict[str, float]:
     """A training epoch of Fashion-MNIST (the MLP above, batch 128) through the project's data path
     (`study.train.batches`: per-epoch stateless shuffle, one gather per batch from the images
     scaled to float once per trial) against the same epoch from float tensors in memory, unshuffled."""

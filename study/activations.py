@@ -121,7 +121,7 @@ def sigmoid_or_binary(
     def train_branch():
         z = x
         if noise_std > 0:
-            z = z + keras.random.normal(tf.shape(x), stddev=noise_std, dtype=x.dtype, seed=seed)
+            z = z + noise_std * keras.random.normal(tf.shape(x), dtype=x.dtype, seed=seed)
         return _coin_op(z, _draw_coin(z, p, granularity, seed), slope, cutoff, surrogate)
 
     def eval_branch():
@@ -152,21 +152,7 @@ def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
         shape = tf.concat([tf.shape(z)[:1], tf.ones([tf.rank(z) - 1], tf.int32)], axis=0)
     else:
         shape = tf.shape(z)
-    return _uniform(shape, z.dtype, seed) < tf.cast(p, z.dtype)
-
-
-def _uniform(shape, dtype, seed) -> tf.Tensor:
-    """U[0, 1): the numbers `keras.random.uniform` draws from the same seed, without its rescaling
-    to [minval, maxval) (two more passes over the tensor: most of a per-unit coin's cost)."""
-    if isinstance(seed, keras.random.SeedGenerator):
-        pair = seed.next()
-    elif isinstance(seed, int):
-        pair = tf.constant([seed, 0], tf.int64)
-    else:  # None: Keras' global generator
-        return keras.random.uniform(shape, dtype=dtype, seed=seed)
-    if pair.dtype != tf.int32:  # what Keras does to its int64 seeds
-        pair = tf.cast(tf.math.floormod(pair, tf.int32.max - 1), tf.int32)
-    return tf.random.stateless_uniform(shape, seed=pair, dtype=dtype)
+    return keras.random.uniform(shape, dtype=z.dtype, seed=seed) < tf.cast(p, z.dtype)
 
 
 def _surrogate_times(dy, z, sig, slope: float, cutoff: float, surrogate: str) -> tf.Tensor:
