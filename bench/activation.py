@@ -66,13 +66,14 @@ def train_step(model: keras.Model):
 
 
 def interleaved(candidates: dict, rounds: int, steps: int) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, per round (each call run `steps` times per round)."""
+    """Seconds per call of each candidate, per round (each call run `steps` times per round); the
+    order of the candidates is reversed every other round, so none always runs first."""
     times = {name: [] for name in candidates}
     for fn in candidates.values():
         for _ in range(3):
             fn()  # trace and warm up
-    for _ in range(rounds):
-        for name, fn in candidates.items():
+    for round_ in range(rounds):
+        for name, fn in list(candidates.items())[:: -1 if round_ % 2 else 1]:
             start = time.perf_counter()
             for _ in range(steps):
                 out = fn()
@@ -134,7 +135,7 @@ def throughput(rounds: int = 15, steps: int = 20) -> dict[str, float]:
             "step / matmul limit": matmul_s / step_s}
 
 
-def input_pipeline(rounds: int = 7) -> dict[str, float]:
+def input_pipeline(rounds: int = 11) -> dict[str, float]:
     """A training epoch of Fashion-MNIST (the MLP above, batch 128) through the project's data path
     (`study.train.batches`: per-epoch stateless shuffle, one gather per batch from the images
     scaled to float once per trial) against the same epoch from float tensors in memory, unshuffled."""
