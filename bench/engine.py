@@ -47,7 +47,14 @@ def compute_s(trials) -> float:
     return total
 
 
-def ray_startup_s() -> float:
+def ray_startup_s(samples: int = 3) -> float:
+    """Median seconds of `ray.init` starting a local cluster, each in a fresh process."""
+    import statistics
+
+    return statistics.median(_ray_startup_once() for _ in range(samples))
+
+
+def _ray_startup_once() -> float:
     code = ("import time, ray; t = time.perf_counter(); ray.init(address='local', "
             "include_dashboard=False, _node_ip_address='127.0.0.1'); print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
