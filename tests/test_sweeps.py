@@ -7,9 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import keras
 import pytest
+from mlflow import MlflowClient
 
+from study.activations import SigmoidOrBinary
 from sweeps.spec import load_spec
 
 from .conftest import ROOT
@@ -55,6 +59,35 @@ def test_every_shipped_spec_runs_end_to_end_at_smoke_size(path, tmp_path):
         assert set(child.data.params) >= {"activation.kind", "model.arch", "seed", "budget.epochs"}
         placement = json.loads(child.data.tags["trial.placement"])
         assert placement["cpus"] == spec.resources.cpus
+
+
+def test_each_run_keeps_its_full_history_and_the_saved_model(tmp_path):
+    path = tmp_path / "artifacts.yaml"
+    path.write_text("""
+# test spec; make sweep SPEC=this
+name: artifacts
+fixed: {data.name: synthetic, budget.epochs: 3, model.widths: [16]}
+space:
+  activation.p: {uniform: [0.0, 1.0]}
+search: {algorithm: qmc, samples: 3, max_concurrent: 1, seed: 0}
+scheduler: {name: none}
+resources: {cpus: 2}
+save_model: true
+""")
+    env = sweep_env(tmp_path)
+    run_sweep(path, env)
+    spec = load_spec(path)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for child in assert_complete(spec, env):  # three trials through one reused worker
+        folder = client.download_artifacts(child.info.run_id, "", str(tmp_path / child.info.run_id))
+        assert sorted(p.name for p in Path(folder).iterdir()) == ["config.json", "history.json",
+                                                                  "model.keras"]
+        history = json.loads((Path(folder) / "history.json").read_text())
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+        p = float(child.data.params["activation.p"])
+        assert json.loads((Path(folder) / "config.json").read_text())["activation.p"] == p
+        model = keras.saving.load_model(Path(folder) / "model.keras")  # this trial's, not a previous
+        assert [layer.p for layer in model.layers if isinstance(layer, SigmoidOrBinary)] == [p]
 
 
 @pytest.mark.integration  # faults 3, 1 and 5 of the reliability suite
