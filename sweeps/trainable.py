@@ -53,15 +53,15 @@ class StudyTrial(tune.Trainable):
         from study.train import TrialDiverged
 
         if self.trainer.done:  # restored from its final checkpoint (see `restore`): report it again
-            return {**self.trainer.history[-1], "trial/placement": self.placement, "done": True,
-                    "worker/peak_rss_mb": peak_rss_mb()}
-        try:
-            metrics = self.trainer.step()
-        except TrialDiverged as err:
-            # Recorded, not retried: the same checkpoint would diverge again. NaN tells Optuna
-            # "failed"; `done` ends the trial.
-            return {"epoch": len(err.history) + 1, self.spec.metric: math.nan,
-                    "trial/diverged": 1.0, "trial/failure": str(err), "done": True}
+            metrics = self.trainer.history[-1]
+        else:
+            try:
+                metrics = self.trainer.step()
+            except TrialDiverged as err:
+                # Recorded, not retried: the same checkpoint would diverge again. NaN tells Optuna
+                # "failed"; `done` ends the trial.
+                return {"epoch": len(err.history) + 1, self.spec.metric: math.nan,
+                        "trial/diverged": 1.0, "trial/failure": str(err), "done": True}
         return {**metrics, "trial/placement": self.placement, "done": self.trainer.done,
                 "worker/peak_rss_mb": peak_rss_mb()}
 

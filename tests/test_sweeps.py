@@ -47,6 +47,22 @@ max_failures: 2
 """
 
 
+def start_one_slow_trial(tmp_path, name: str, epochs: int):
+    """A one-trial sweep of SLOW_TRIALS (spec tmp_path/NAME.yaml), started and left running once
+    its trial has reported two epochs: (spec, env, Ray storage, the sweep's process)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SLOW_TRIALS.format(name=name, epochs=epochs, samples=1))
+    env, storage = sweep_env(tmp_path), tmp_path / "ray"
+    proc = start_sweep(path, env)
+    try:
+        wait_for(lambda: any(len(r) >= 2 for r in trial_results(storage).values()), 300,
+                 "two epochs of the trial", proc)
+    except BaseException:
+        kill_group(proc)
+        raise
+    return load_spec(path), env, storage, proc
+
+
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_every_shipped_spec_runs_end_to_end_at_smoke_size(path, tmp_path):
     env = sweep_env(tmp_path)
@@ -119,15 +135,8 @@ def test_resume_after_the_driver_is_killed_gives_no_duplicate_runs(tmp_path):
 
 @pytest.mark.integration  # faults 3, 1 and 5 of the reliability suite
 def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
-    path = tmp_path / "retry.yaml"
-    path.write_text(SLOW_TRIALS.format(name="retry", epochs=6, samples=1))
-    spec = load_spec(path)
-    env = sweep_env(tmp_path)
-    storage = tmp_path / "ray"
-    proc = start_sweep(path, env)
+    spec, env, storage, proc = start_one_slow_trial(tmp_path, "retry", epochs=6)
     try:
-        wait_for(lambda: any(len(r) >= 2 for r in trial_results(storage).values()), 300,
-                 "two epochs of the trial", proc)
         pids = trial_worker_pids()
         assert len(pids) == 1
         os.kill(pids[0], signal.SIGKILL)
@@ -146,22 +155,13 @@ def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
 
 @pytest.mark.integration  # the race of fault 1: Ray Tune deleted the checkpoint its snapshot names
 def test_a_resumed_trial_whose_snapshot_names_a_deleted_checkpoint_uses_the_newest(tmp_path):
-    path = tmp_path / "race.yaml"
-    path.write_text(SLOW_TRIALS.format(name="race", epochs=4, samples=1))
-    spec = load_spec(path)
-    env = sweep_env(tmp_path)
-    storage = tmp_path / "ray"
-    proc = start_sweep(path, env)
-    try:
-        wait_for(lambda: any(len(r) >= 2 for r in trial_results(storage).values()), 300,
-                 "two epochs of the trial", proc)
-    finally:
-        kill_group(proc)
+    spec, env, storage, proc = start_one_slow_trial(tmp_path, "race", epochs=4)
+    kill_group(proc)
     [trial_dir] = {p.parent for p in storage.glob("*/*/result.json")}
     for checkpoint in sorted(trial_dir.glob("checkpoint_*"), reverse=True):  # all "newer" ones
         index = int(checkpoint.name.removeprefix("checkpoint_"))
         checkpoint.rename(trial_dir / f"checkpoint_{index + 100:06d}")
-    out = run_sweep(path, env)
+    out = run_sweep(tmp_path / "race.yaml", env)
     assert "1 trials, 0 failed" in out
     [child] = assert_complete(spec, env)
     assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4]
