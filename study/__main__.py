@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from study.config import ConfigError, TrialConfig, flat_to_strings, parse_assignments
-from study.data import DatasetNotFound
+from study.data import DatasetError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFound) as err:
+    except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

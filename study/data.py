@@ -28,7 +28,11 @@ FASHION_MNIST_FILES = {
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetError(ValueError):
+    """A dataset cannot be used (missing, corrupt, truncated); the message is one line with the fix."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
     """A dataset's files are nowhere to be found; the message says where it looked and the fix."""
 
 

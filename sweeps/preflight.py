@@ -37,6 +37,15 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
         raise SweepError(f"MLFLOW_TRACKING_URI {uri!r}: unsupported scheme {parsed.scheme!r}")
 
 
+def check_storage(storage: str) -> None:
+    """Ray Tune's storage (STORAGE): a local or shared folder that can be written, or s3://..."""
+    parsed = urlparse(storage)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme else storage)
+        if path.exists() and not path.is_dir():
+            raise SweepError(f"STORAGE {storage!r} is a file, not a folder")
+
+
 def check_ray(address: str | None, timeout: float = 3.0) -> None:
     """A TCP connection to RAY_ADDRESS (host:port or http://host:port); "auto" and unset pass."""
     if not address or address == "auto":

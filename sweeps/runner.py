@@ -18,9 +18,9 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from study.config import TrialConfig
-from study.data import DatasetNotFound, load
+from study.data import DatasetError, load
 from sweeps import tracking
-from sweeps.preflight import SweepError, check_ray, check_tracking
+from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
 from sweeps.space import DefineByRun, sampler
 from sweeps.spec import SweepSpec
 from sweeps.trainable import StudyTrial
@@ -53,9 +53,10 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
     and the Ray cluster are checked before anything is started or written."""
     try:
         dataset = load(TrialConfig.from_flat(spec.fixed).data)
-    except DatasetNotFound as err:
+    except DatasetError as err:
         raise SweepError(str(err)) from err
     check_tracking(settings.tracking_uri)
+    check_storage(settings.storage)
     check_ray(os.environ.get("RAY_ADDRESS"))
     _start_ray()
     client = MlflowClient(settings.tracking_uri)
