@@ -1,10 +1,12 @@
 """Command line: the paper's tables and figures from the runs.
 
-    python -m analysis tables [--source URI|DIR] [--out paper] [--smoke]
-    python -m analysis export [--source URI] [--out paper/runs] [--smoke]
+    python -m analysis tables [--source URI|DIR] [--out paper] [--smoke] [--sweep SWEEP_ID ...]
+    python -m analysis export [--source URI] [--out paper/runs] [--smoke] [--sweep SWEEP_ID ...]
 
 `--source` is a tracking URI or an export folder. By default: $MLFLOW_TRACKING_URI, else the local
 store runs/mlflow.db when it holds the paper's runs, else the committed export paper/runs.
+One sweep per experiment is read: the one named with `--sweep` (repeatable), else the latest complete
+one; a line per experiment says which.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--source")
         sub.add_argument("--out", type=Path, default=out)
         sub.add_argument("--smoke", action="store_true", help="the smoke-size paper sweeps")
+        sub.add_argument("--sweep", action="append", default=[], metavar="SWEEP_ID",
+                         help="read this sweep of its experiment (default: the latest complete one)")
     args = parser.parse_args(argv)
 
     from analysis import paper, runs
@@ -47,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     names = list(paper.experiments(args.smoke).values())
     source = args.source or default_source(names)
     try:
-        loaded = runs.load(source, names)
-    except FileNotFoundError as err:
+        loaded = runs.load(source, names, args.sweep)
+    except (FileNotFoundError, runs.SelectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for line in loaded.selection:
+        print(line)
     if loaded.trials.empty:
         print(f"error: no runs of {', '.join(names)} in {source}", file=sys.stderr)
         return 2

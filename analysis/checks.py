@@ -1,12 +1,13 @@
 """Checks printed with the tables (Tuning Playbook): best value at a boundary of the searched range,
-the share of failed or diverged trials, trials stopped early against trials that finished."""
+the share of failed or diverged trials, trials stopped early against trials that ran their whole
+budget (decided by `tables.full_budget`, from each run's own record)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
 from analysis.runs import Runs
-from analysis.tables import finished
+from analysis.tables import finished, full_budget
 
 SELECTION = "metrics.val/accuracy_binary"
 # Ends of a parameter's valid range: a best value there cannot be searched beyond.
@@ -26,15 +27,8 @@ def checks(runs: Runs) -> list[str]:
     """One line per finding, for one experiment."""
     trials = runs.trials
     name = ", ".join(sorted(set(trials["experiment"])))
-    total = len(trials)
-    failed = trials["status"] == "FAILED"
-    diverged = trials.get("tags.trial.failure", pd.Series(dtype=str)).fillna("").str.startswith(
-        "train/loss")
-    early = (trials["status"] == "FINISHED") & (trials["tags.trial.stopped_early"] == "true")
-    full = finished(trials)
-    lines = [f"{name}: {total} trials; {len(full)} ran their whole budget, {int(early.sum())} "
-             f"stopped early by the scheduler, {int(failed.sum())} failed "
-             f"({failed.mean():.0%}), of which {int(diverged.sum())} diverged"]
+    lines = [f"{name}: {_outcomes(runs)}"]
+    full = finished(runs)
     if full.empty:
         return lines
     best = full.loc[full[SELECTION].idxmax()]
@@ -49,3 +43,19 @@ def checks(runs: Runs) -> list[str]:
                          f"{best[column]:g} is at the {end} end of the searched range "
                          f"[{low:g}, {high:g}], {advice}")
     return lines
+
+
+def _outcomes(runs: Runs) -> str:
+    """How the trials ended, by their record: whole budget, stopped early by the scheduler (FINISHED
+    with fewer epochs), failed (diverged or an error), cut short by an interruption (the rest)."""
+    trials = runs.trials
+    full = full_budget(runs)
+    failed = trials["status"] == "FAILED"
+    diverged = trials.get("tags.trial.failure", pd.Series(dtype=str)).fillna("").str.startswith(
+        "train/loss")
+    early = ~full & (trials["status"] == "FINISHED")
+    cut = int((~full & ~early & ~failed).sum())
+    line = (f"{len(trials)} trials; {int(full.sum())} ran their whole budget, {int(early.sum())} "
+            f"stopped early by the scheduler, {int(failed.sum())} failed ({failed.mean():.0%}), of "
+            f"which {int(diverged.sum())} diverged")
+    return line + (f"; {cut} cut short by an interruption" if cut else "")

@@ -34,7 +34,7 @@ def _save(fig, path: Path) -> Path:
 
 def axis_plots(runs: Runs, params: list[str], path: Path, metric: str = BINARY) -> Path:
     """The final metric of every finished trial against each swept parameter."""
-    full = finished(runs.trials)
+    full = finished(runs)
     fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False)
     for ax, param in zip(axes[0], params, strict=True):
         for arch in _archs(full):
@@ -51,7 +51,7 @@ def axis_plots(runs: Runs, params: list[str], path: Path, metric: str = BINARY) 
 def isolation_plot(runs: Runs, scientific: str, path: Path, metric: str = BINARY) -> Path:
     """For each value of the scientific parameter: the best mean (over seeds) across all the other
     (nuisance) parameters, one line per architecture."""
-    full = finished(runs.trials)
+    full = finished(runs)
     nuisance = [c for c in ("params.activation.p", "params.activation.slope",
                             "params.activation.cutoff") if c != f"params.{scientific}"]
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
@@ -71,7 +71,7 @@ def isolation_plot(runs: Runs, scientific: str, path: Path, metric: str = BINARY
 
 def heatmap(runs: Runs, path: Path, metric: str = BINARY) -> Path:
     """Binary-eval accuracy over p x slope, one panel per architecture (best over cutoff)."""
-    full = finished(runs.trials)
+    full = finished(runs)
     archs = _archs(full)
     fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3.2), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
@@ -94,7 +94,7 @@ def heatmap(runs: Runs, path: Path, metric: str = BINARY) -> Path:
 
 def gap_against_p(runs: Runs, path: Path) -> Path:
     """Soft minus binary test accuracy against p (mean over slopes and cutoffs), per architecture."""
-    full = finished(runs.trials)
+    full = finished(runs)
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     for arch in _archs(full):
         part = full[full["params.model.arch"] == arch]
@@ -110,7 +110,7 @@ def gap_against_p(runs: Runs, path: Path) -> Path:
 
 def learning_curves(runs: Runs, path: Path, by: str = "tags.trial.variant", top: int = 3) -> Path:
     """val/accuracy_binary per epoch of the `top` best finished trials of each architecture."""
-    full = finished(runs.trials)
+    full = finished(runs)
     archs = _archs(full)
     fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3), squeeze=False)
     curves = runs.history[runs.history["key"] == "val/accuracy_binary"]

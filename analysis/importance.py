@@ -12,7 +12,7 @@ from analysis.tables import finished
 
 
 def importances(runs: Runs) -> dict[str, float]:
-    full = finished(runs.trials)
+    full = finished(runs)
     numeric = swept(full)
     categorical = [c for c in ("params.model.arch",) if c in full and full[c].nunique() > 1]
     if len(full) < 4 or not numeric + categorical:

@@ -5,11 +5,18 @@ JSON text), `tags.*`, `metrics.*` (the last value of each metric), `status`, tim
 `Runs.parents`: one row per sweep (parent run). `Runs.history`: the long per-epoch frame
 (`run_id`, `key`, `step`, `value`). An export is two CSV files holding exactly these frames, so the
 tables made from a store and from its export are identical.
+
+One sweep per experiment is read (`select`): the one named, else the latest complete one (parent run
+FINISHED; latest by its end time, ties by start time); `Runs.selection` says which, one line per
+experiment. A sweep id whose trial runs have no parent run is in state "no parent run": whether it
+ended is unknown, so it is never chosen by default, only when named. Trial runs without a sweep id
+belong to no sweep and are never read.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +30,12 @@ EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "trial.id", "trial.var
                  "trial.epochs", "trial.stopped_early", "trial.failure", "seed", "spec.path",
                  "spec.hash", "git.commit", "git.dirty")
 _ORDER = ["experiment", "tags.sweep.id", "tags.sweep.role", "tags.trial.id", "run_id"]
+COMPLETE = "FINISHED"  # the parent run's status once its sweep ran to its end
+NO_PARENT = "no parent run"
+
+
+class SelectionError(ValueError):
+    """No sweep to read for an experiment, or a named sweep that is not there."""
 
 
 @dataclass
@@ -30,6 +43,7 @@ class Runs:
     trials: pd.DataFrame
     parents: pd.DataFrame
     history: pd.DataFrame
+    selection: tuple[str, ...] = ()  # which sweep was read per experiment, and why
 
     def of(self, experiment: str) -> Runs:
         """The runs of one experiment (one spec)."""
@@ -42,38 +56,33 @@ class Runs:
         return sorted(set(self.trials["experiment"]))
 
 
-def from_mlflow(tracking_uri: str, experiments: list[str]) -> Runs:
-    """Every run of the named experiments (missing ones are skipped), with their metric histories."""
+def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
+    """The runs of one sweep per named experiment (`select`; missing experiments are skipped), with
+    the metric histories of its trials."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    rows, history = [], []
+    rows = []
     for name in experiments:
         experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            continue
-        for run in client.search_runs([experiment.experiment_id], max_results=50_000):
-            row = {"experiment": name, "run_id": run.info.run_id, "status": run.info.status,
-                   "start_time": run.info.start_time, "end_time": run.info.end_time}
-            row.update({f"params.{k}": v for k, v in run.data.params.items()})
-            row.update({f"tags.{k}": v for k, v in run.data.tags.items() if k in EXPORTED_TAGS})
-            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-            rows.append(row)
-            if run.data.tags.get("sweep.role") == "trial":
-                for key in HISTORY_KEYS:
-                    if key in run.data.metrics:
-                        history += [(run.info.run_id, key, m.step, m.value)
-                                    for m in client.get_metric_history(run.info.run_id, key)]
-    runs = pd.DataFrame(rows)
-    hist = pd.DataFrame(history, columns=["run_id", "key", "step", "value"])
-    return _typed(runs, hist)
+        if experiment is not None:
+            rows += [_row(name, run) for run in
+                     client.search_runs([experiment.experiment_id], max_results=50_000)]
+    empty = pd.DataFrame(columns=["run_id", "key", "step", "value"])
+    runs = select(_typed(pd.DataFrame(rows), empty), sweeps)
+    history = [(trial["run_id"], key, m.step, m.value) for _, trial in runs.trials.iterrows()
+               for key in HISTORY_KEYS if pd.notna(trial.get(f"metrics.{key}"))
+               for m in client.get_metric_history(trial["run_id"], key)]
+    return Runs(runs.trials, runs.parents, _typed_history(pd.DataFrame(history, columns=empty.columns)),
+                runs.selection)
 
 
-def from_export(folder: str | Path) -> Runs:
+def from_export(folder: str | Path, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
+    """The runs of one sweep per named experiment (`select`) from an export folder."""
     folder = Path(folder)
-    runs = pd.read_csv(folder / "runs.csv", dtype=str, keep_default_na=False)
-    hist = pd.read_csv(folder / "history.csv")
-    return _typed(runs.replace("", np.nan), hist)
+    frame = pd.read_csv(folder / "runs.csv", dtype=str, keep_default_na=False).replace("", np.nan)
+    frame = frame[frame["experiment"].isin(experiments)]
+    return select(_typed(frame, pd.read_csv(folder / "history.csv")), sweeps)
 
 
 def export(runs: Runs, folder: str | Path) -> None:
@@ -88,17 +97,93 @@ def export(runs: Runs, folder: str | Path) -> None:
     hist.to_csv(folder / "history.csv", index=False, float_format="%.17g")
 
 
-def load(source: str, experiments: list[str]) -> Runs:
-    """`source` is a tracking URI or an export folder (one holding runs.csv)."""
-    if "://" not in source and not Path(source, "runs.csv").is_file():
+def load(source: str, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
+    """One sweep per experiment (`sweeps` names some, by id; see `select`) from `source`, a tracking
+    URI or an export folder (one holding runs.csv)."""
+    if Path(source, "runs.csv").is_file():
+        return from_export(source, experiments, sweeps)
+    if "://" not in source:
         raise FileNotFoundError(f"{source}: no runs.csv here (an export folder or a tracking URI "
                                 "was expected)")
-    if Path(source, "runs.csv").is_file():
-        runs = from_export(source)
-        keep = runs.trials["experiment"].isin(experiments)
-        return Runs(runs.trials[keep], runs.parents[runs.parents["experiment"].isin(experiments)],
-                    runs.history[runs.history["run_id"].isin(runs.trials.loc[keep, "run_id"])])
-    return from_mlflow(source, experiments)
+    return from_mlflow(source, experiments, sweeps)
+
+
+def sweeps_of(runs: Runs) -> pd.DataFrame:
+    """One row per sweep: `experiment`, `sweep`, `state` (its parent run's status, or NO_PARENT), the
+    parent's `start_time` and `end_time`; the latest parent if a sweep has several."""
+    key = ["experiment", "tags.sweep.id"]
+    parents = runs.parents.reindex(columns=[*key, "status", "start_time", "end_time"])
+    parents = parents.sort_values(["start_time", "end_time"], kind="stable").drop_duplicates(
+        key, keep="last")
+    ids = runs.trials.reindex(columns=key).dropna().drop_duplicates()
+    frame = parents.merge(ids, on=key, how="outer").rename(columns={"tags.sweep.id": "sweep",
+                                                                    "status": "state"})
+    return frame.fillna({"state": NO_PARENT}).sort_values(["experiment", "sweep"]).reset_index(
+        drop=True)
+
+
+def select(runs: Runs, named: Iterable[str] = ()) -> Runs:
+    """Per experiment, the runs of one sweep: the one named, else the latest complete one (parent
+    FINISHED; latest by end time, ties by start time). Raises SelectionError when a named sweep does
+    not exist, two are named for one experiment, or an experiment has no complete sweep."""
+    named = list(named)
+    if runs.trials.empty and runs.parents.empty and not named:
+        return runs
+    table = sweeps_of(runs)
+    chosen = _named(table, named)
+    keep, lines = [], []
+    for experiment, group in table.groupby("experiment"):
+        keep.append(chosen.get(experiment) or _latest_complete(experiment, group))
+        lines.append(_said(experiment, keep[-1], group, named=experiment in chosen))
+    trials = runs.trials[runs.trials["tags.sweep.id"].isin(keep)].reset_index(drop=True)
+    return Runs(trials, runs.parents[runs.parents["tags.sweep.id"].isin(keep)].reset_index(drop=True),
+                runs.history[runs.history["run_id"].isin(trials["run_id"])].reset_index(drop=True),
+                tuple(lines))
+
+
+def _named(table: pd.DataFrame, named: list[str]) -> dict[str, str]:
+    """Experiment -> the sweep named for it."""
+    known = dict(zip(table["sweep"], table["experiment"], strict=True))
+    chosen: dict[str, str] = {}
+    for sweep in named:
+        if sweep not in known:
+            raise SelectionError(f"no sweep {sweep} in the experiments read (their sweeps: "
+                                 f"{', '.join(known) or 'none'})")
+        if chosen.get(known[sweep], sweep) != sweep:
+            raise SelectionError(f"sweeps {chosen[known[sweep]]} and {sweep} are both of "
+                                 f"{known[sweep]}: name one sweep per experiment")
+        chosen[known[sweep]] = sweep
+    return chosen
+
+
+def _latest_complete(experiment: str, group: pd.DataFrame) -> str:
+    complete = group[group["state"] == COMPLETE].sort_values(["end_time", "start_time", "sweep"])
+    if complete.empty:
+        raise SelectionError(f"{experiment} has no complete sweep ({_states(group)}); name one with "
+                             "--sweep SWEEP_ID")
+    return complete["sweep"].iloc[-1]
+
+
+def _said(experiment: str, sweep: str, group: pd.DataFrame, named: bool) -> str:
+    """The line that says which sweep of an experiment is read."""
+    state = group.loc[group["sweep"] == sweep, "state"].iloc[0]
+    how = f"named, {state}" if named else f"latest complete of {len(group)}"
+    others = group[group["sweep"] != sweep]
+    ignored = f"; ignored {_states(others)}" if len(others) else ""
+    return f"{experiment}: sweep {sweep} ({how}{ignored})"
+
+
+def _states(group: pd.DataFrame) -> str:
+    return ", ".join(f"{s} {state}" for s, state in zip(group["sweep"], group["state"], strict=True))
+
+
+def _row(experiment: str, run) -> dict:
+    row = {"experiment": experiment, "run_id": run.info.run_id, "status": run.info.status,
+           "start_time": run.info.start_time, "end_time": run.info.end_time}
+    row.update({f"params.{k}": v for k, v in run.data.params.items()})
+    row.update({f"tags.{k}": v for k, v in run.data.tags.items() if k in EXPORTED_TAGS})
+    row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+    return row
 
 
 def _typed(frame: pd.DataFrame, history: pd.DataFrame) -> Runs:
@@ -113,9 +198,12 @@ def _typed(frame: pd.DataFrame, history: pd.DataFrame) -> Runs:
     role = frame.get("tags.sweep.role", pd.Series(index=frame.index, dtype=object))
     trials = frame[role == "trial"].reset_index(drop=True)
     parents = frame[role == "parent"].reset_index(drop=True)
-    history = history.astype({"step": int, "value": float}).sort_values(
+    return Runs(trials, parents, _typed_history(history))
+
+
+def _typed_history(history: pd.DataFrame) -> pd.DataFrame:
+    return history.astype({"step": int, "value": float}).sort_values(
         ["run_id", "key", "step"], kind="stable").reset_index(drop=True)
-    return Runs(trials, parents, history)
 
 
 def _param_value(text):

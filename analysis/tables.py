@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.runs import Runs
+from study.names import FINAL_METRICS
 
 ARCH_ORDER = ("mlp", "cnn", "gated", "bottleneck")
 
@@ -83,9 +84,22 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, str]) -> p
     return pd.DataFrame(rows)
 
 
-def finished(trials: pd.DataFrame) -> pd.DataFrame:
-    """Trials that ran their whole budget (the only ones with test scores)."""
-    full = trials[(trials["status"] == "FINISHED") & (trials["tags.trial.stopped_early"] == "false")]
+def full_budget(runs: Runs) -> pd.Series:
+    """Per trial (aligned with `runs.trials`): whether it ran its whole budget, by its own record
+    whatever its tags or its history of interruptions say: not FAILED, `train/loss` in its history at
+    every epoch 1..params.budget.epochs, and both test metrics."""
+    trials = runs.trials
+    loss = runs.history[runs.history["key"] == "train/loss"]
+    budget = trials.set_index("run_id")["params.budget.epochs"]
+    loss = loss[loss["step"].between(1, loss["run_id"].map(budget))]
+    epochs = trials["run_id"].map(loss.groupby("run_id")["step"].nunique())
+    tested = trials.reindex(columns=[f"metrics.{m}" for m in FINAL_METRICS]).notna().all(axis=1)
+    return (trials["status"] != "FAILED") & (epochs == trials["params.budget.epochs"]) & tested
+
+
+def finished(runs: Runs) -> pd.DataFrame:
+    """The trials that ran their whole budget (`full_budget`), with their test gap (soft - binary)."""
+    full = runs.trials[full_budget(runs)]
     return full.assign(gap=full["metrics.test/accuracy_soft"] - full["metrics.test/accuracy_binary"])
 
 
@@ -111,7 +125,7 @@ def _ordered(frame: pd.DataFrame, column: str, order) -> pd.DataFrame:
 
 def accuracy_table(runs: Runs, name: str, title: str, by: list[str], variants: list[str]) -> Table:
     """Soft- and binary-eval test accuracy and their gap, mean +- std over seeds, per group."""
-    agg = aggregate(finished(runs.trials), by, ACCURACY)
+    agg = aggregate(finished(runs), by, ACCURACY)
     if "tags.trial.variant" in by:
         agg = _ordered(agg, "tags.trial.variant", variants)
     if "params.model.arch" in by:
@@ -129,7 +143,7 @@ def accuracy_table(runs: Runs, name: str, title: str, by: list[str], variants: l
 def pivot_table(runs: Runs, name: str, title: str, rows: str, columns: str, metric: str,
                 order: list[str]) -> Table:
     """`metric` (mean +- std over seeds) with `rows` down and `columns` across."""
-    agg = aggregate(finished(runs.trials), [rows, columns], {"m": metric})
+    agg = aggregate(finished(runs), [rows, columns], {"m": metric})
     agg["cell"] = [pm(m, s) for m, s in zip(agg["m.mean"], agg["m.std"], strict=True)]
     wide = agg.pivot(index=rows, columns=columns, values="cell")
     wide = wide[[c for c in order if c in wide.columns]]
@@ -142,7 +156,7 @@ def pivot_table(runs: Runs, name: str, title: str, rows: str, columns: str, metr
 def grid_tables(runs: Runs, name: str, metric: str, what: str) -> list[Table]:
     """Per architecture and cutoff: `metric` over the p (rows) x slope (columns) grid."""
     out = []
-    full = finished(runs.trials)
+    full = finished(runs)
     for arch in [a for a in ARCH_ORDER if a in set(full["params.model.arch"])]:
         for cutoff in sorted(set(full["params.activation.cutoff"])):
             part = full[(full["params.model.arch"] == arch)
@@ -164,7 +178,7 @@ def grid_tables(runs: Runs, name: str, metric: str, what: str) -> list[Table]:
 def best_table(runs: Runs, name: str, title: str, keys: list[str]) -> Table:
     """Per architecture, the setting of `keys` with the best mean validation binary accuracy (the
     selection never sees the test set), and its test scores."""
-    full = finished(runs.trials)
+    full = finished(runs)
     metrics = {"val": "metrics.val/accuracy_binary", **ACCURACY}
     agg = aggregate(full, ["params.model.arch", *keys], metrics)
     best = agg.loc[agg.groupby("params.model.arch", sort=False)["val.mean"].idxmax()]
@@ -187,7 +201,7 @@ def diagnostics_table(runs: Runs, name: str, title: str, variants: list[str]) ->
 
 def cost_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
     """Parameters, binarized units (bits per example) and seconds per training epoch."""
-    full = finished(runs.trials)
+    full = finished(runs)
     epoch = runs.history[runs.history["key"] == "time/epoch_s"].groupby("run_id")["value"].mean()
     full = full.assign(epoch_s=full["run_id"].map(epoch))
     agg = aggregate(full, ["params.model.arch", "tags.trial.variant"],
@@ -205,7 +219,7 @@ def cost_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
 
 def _stat_table(runs: Runs, name: str, title: str, variants: list[str], columns: dict[str, str],
                 digits: int) -> Table:
-    full = finished(runs.trials)
+    full = finished(runs)
     present = {k: v for k, v in columns.items() if v in full.columns}
     agg = aggregate(full, ["params.model.arch", "tags.trial.variant"], present)
     agg = _ordered(_ordered(agg, "tags.trial.variant", variants), "params.model.arch", ARCH_ORDER)

@@ -13,7 +13,8 @@
 #
 # Reads the runs of the three paper sweeps (T1 main results, T2 the p x slope x cutoff grid, T3
 # ablations) from the tracking store or the committed export `paper/runs`, and shows what
-# `make tables` writes. `ANALYSIS_SOURCE` picks the source, `ANALYSIS_SMOKE=1` the smoke-size sweeps.
+# `make tables` writes. `ANALYSIS_SOURCE` picks the source, `ANALYSIS_SMOKE=1` the smoke-size sweeps,
+# `ANALYSIS_SWEEPS` (sweep ids, space-separated) the sweeps to read instead of the latest complete ones.
 
 # %%
 import os
@@ -27,8 +28,8 @@ from analysis.__main__ import PROJECT, default_source
 smoke = os.environ.get("ANALYSIS_SMOKE") == "1"
 names = list(paper.experiments(smoke).values())
 source = os.environ.get("ANALYSIS_SOURCE") or default_source(names)
-loaded = runs.load(source, names)
-print(source)
+loaded = runs.load(source, names, os.environ.get("ANALYSIS_SWEEPS", "").split())
+print(source, *loaded.selection, sep="\n")
 loaded.trials.groupby(["experiment", "status"]).size()
 
 # %% [markdown]

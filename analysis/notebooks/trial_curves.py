@@ -11,8 +11,9 @@
 # %% [markdown]
 # # Per-epoch curves of a sweep's trials
 #
-# The long per-epoch frame (`run_id`, `key`, `step`, `value`) joined with the trials' params: how
-# binary- and soft-eval validation accuracy and the activation diagnostics evolve, per variant.
+# The long per-epoch frame (`run_id`, `key`, `step`, `value`) joined with the params of the trials that
+# ran their whole budget: how binary- and soft-eval validation accuracy and the activation diagnostics
+# evolve, per variant (T1). `ANALYSIS_T1_SWEEP` names the sweep to read instead of the latest complete one.
 
 # %%
 import os
@@ -21,13 +22,16 @@ import matplotlib.pyplot as plt
 
 from analysis import paper, runs
 from analysis.__main__ import default_source
+from analysis.tables import finished
 
 smoke = os.environ.get("ANALYSIS_SMOKE") == "1"
 experiment = paper.experiments(smoke)["t1"]
-loaded = runs.load(os.environ.get("ANALYSIS_SOURCE") or default_source([experiment]), [experiment])
+loaded = runs.load(os.environ.get("ANALYSIS_SOURCE") or default_source([experiment]), [experiment],
+                   os.environ.get("ANALYSIS_T1_SWEEP", "").split())
+print(*loaded.selection, sep="\n")
 keys = ["val/accuracy_binary", "val/accuracy_soft", "act/bit_entropy", "act/flip_rate"]
 curves = loaded.history[loaded.history["key"].isin(keys)].merge(
-    loaded.trials[["run_id", "params.model.arch", "tags.trial.variant"]], on="run_id")
+    finished(loaded)[["run_id", "params.model.arch", "tags.trial.variant"]], on="run_id")
 curves.groupby(["params.model.arch", "tags.trial.variant", "key"])["value"].last().unstack().round(3)
 
 # %%

@@ -1,0 +1,161 @@
+"""Which runs the analysis reads (fast, no Ray): one sweep per experiment, the latest complete one or
+the one named, from a tracking store and from an export; the tables' trials are those that ran their
+whole budget by their own record, whatever their tags and history of interruptions say."""
+
+import re
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from analysis import runs
+from analysis.__main__ import main
+from analysis.checks import checks
+from analysis.tables import finished
+
+EXP = "t3-ablations"
+OLD, LATEST, KILLED = (f"{EXP}-{c * 8}" for c in "abc")
+BUDGET = 3
+
+
+def trial(sweep, trial_id, status="FINISHED", epochs=BUDGET, tested=True, stopped_early="false",
+          tag_epochs=None, variant="base", seed=0):
+    """A trial run's row (as in an export) and its metric history."""
+    row = {"experiment": EXP, "run_id": f"{sweep}-{trial_id}", "status": status,
+           "start_time": 100, "end_time": 200, "tags.sweep.id": sweep, "tags.sweep.role": "trial",
+           "tags.trial.id": trial_id, "tags.trial.variant": variant, "tags.git.commit": "0" * 40,
+           "tags.git.dirty": "false", "tags.trial.stopped_early": stopped_early,
+           "tags.trial.epochs": str(epochs if tag_epochs is None else tag_epochs),
+           "params.budget.epochs": str(BUDGET), "params.seed": str(seed),
+           "params.activation.p": "0.5", "params.model.arch": "mlp"}
+    history = [(row["run_id"], key, step, 1.0 / step + seed / 100)
+               for step in range(1, epochs + 1) for key in ("train/loss", "val/accuracy_binary")]
+    if tested:
+        history += [(row["run_id"], key, epochs, 0.8 + seed / 100)
+                    for key in ("test/accuracy_binary", "test/accuracy_soft")]
+    row.update({f"metrics.{key}": value for _, key, _, value in history})  # the last value of each
+    return row, history
+
+
+def parent(sweep, status, start, end):
+    return {"experiment": EXP, "run_id": f"{sweep}-parent", "status": status, "start_time": start,
+            "end_time": end, "tags.sweep.id": sweep, "tags.sweep.role": "parent"}, []
+
+
+def records():
+    """An old complete sweep, the latest complete one (trials with every kind of history) and a
+    newer one that was interrupted."""
+    return [
+        parent(OLD, "FINISHED", 1000, 2000), trial(OLD, "t0", variant="old"),
+        parent(LATEST, "FINISHED", 3000, 4000),
+        trial(LATEST, "full"),
+        trial(LATEST, "stale-tags", stopped_early="true", tag_epochs=0, seed=1),
+        trial(LATEST, "killed-full", status="KILLED", seed=2),
+        trial(LATEST, "killed-partial", status="KILLED", epochs=2, tested=False, seed=3),
+        trial(LATEST, "asha", epochs=1, tested=False, stopped_early="true", seed=4),
+        trial(LATEST, "failed", status="FAILED", epochs=2, tested=False, seed=5),
+        parent(KILLED, "KILLED", 5000, 6000), trial(KILLED, "t0", variant="new"),
+    ]
+
+
+def to_export(folder, recs):
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([row for row, _ in recs]).to_csv(folder / "runs.csv", index=False)
+    history = [h for _, hist in recs for h in hist]
+    pd.DataFrame(history, columns=["run_id", "key", "step", "value"]).to_csv(
+        folder / "history.csv", index=False)
+    return str(folder)
+
+
+def to_store(tmp_path, recs):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(EXP, artifact_location=(tmp_path / "art").as_uri())
+    for row, history in recs:
+        tags = {k.removeprefix("tags."): v for k, v in row.items() if k.startswith("tags.")}
+        run_id = client.create_run(exp_id, start_time=row["start_time"], tags=tags).info.run_id
+        params = [Param(k.removeprefix("params."), v) for k, v in row.items() if k.startswith("params.")]
+        metrics = [Metric(key, value, 0, step) for _, key, step, value in history]
+        client.log_batch(run_id, metrics=metrics, params=params)
+        client.set_terminated(run_id, status=row["status"], end_time=row["end_time"])
+    return uri
+
+
+@pytest.fixture(params=["export", "store"])
+def source(request, tmp_path):
+    """The same runs as an export folder and as a tracking store."""
+    if request.param == "export":
+        return to_export(tmp_path / "export", records())
+    return to_store(tmp_path, records())
+
+
+def test_reads_the_latest_complete_sweep_and_says_so(source):
+    loaded = runs.load(source, [EXP])
+    assert set(loaded.trials["tags.sweep.id"]) == set(loaded.parents["tags.sweep.id"]) == {LATEST}
+    assert set(loaded.history["run_id"]) == set(loaded.trials["run_id"])
+    assert loaded.selection == (f"{EXP}: sweep {LATEST} (latest complete of 3; ignored {OLD} FINISHED, "
+                                f"{KILLED} KILLED)",)
+
+
+def test_reads_a_named_sweep(source):
+    loaded = runs.load(source, [EXP], [KILLED])
+    assert set(loaded.trials["tags.trial.variant"]) == {"new"}
+    assert loaded.selection == (f"{EXP}: sweep {KILLED} (named, KILLED; ignored {OLD} FINISHED, "
+                                f"{LATEST} FINISHED)",)
+
+
+def test_keeps_every_trial_that_ran_its_whole_budget(source):
+    loaded = runs.load(source, [EXP])
+    assert sorted(finished(loaded)["tags.trial.id"]) == ["full", "killed-full", "stale-tags"]
+    assert checks(loaded)[0] == (f"{EXP}: 6 trials; 3 ran their whole budget, 1 stopped early by "
+                                 "the scheduler, 1 failed (17%), of which 0 diverged; 1 cut short by "
+                                 "an interruption")
+
+
+def test_the_latest_complete_sweep_by_end_time_then_start_time(tmp_path):
+    recs = [parent(OLD, "FINISHED", 1000, 5000), trial(OLD, "t0"),
+            parent(LATEST, "FINISHED", 3000, 5000), trial(LATEST, "t0"),
+            parent(KILLED, "FINISHED", 4000, 4500), trial(KILLED, "t0")]
+    assert runs.load(to_export(tmp_path, recs), [EXP]).selection[0].startswith(f"{EXP}: sweep {LATEST} ")
+
+
+def test_a_sweep_without_parent_run_is_read_only_when_named(tmp_path):
+    source = to_export(tmp_path, [parent(OLD, "FINISHED", 1000, 2000), trial(OLD, "t0"),
+                                  trial(LATEST, "t0")])
+    assert runs.load(source, [EXP]).selection == (
+        f"{EXP}: sweep {OLD} (latest complete of 2; ignored {LATEST} no parent run)",)
+    assert set(runs.load(source, [EXP], [LATEST]).trials["tags.sweep.id"]) == {LATEST}
+
+
+@pytest.mark.parametrize(("recs", "named", "message"), [
+    ([parent(KILLED, "KILLED", 1, 2), trial(KILLED, "t0"), parent(LATEST, "RUNNING", 3, None)], [],
+     f"{EXP} has no complete sweep ({LATEST} RUNNING, {KILLED} KILLED); name one with --sweep "
+     "SWEEP_ID"),
+    (records(), [f"{EXP}-dddddddd"], f"no sweep {EXP}-dddddddd in the experiments read (their "
+     f"sweeps: {OLD}, {LATEST}, {KILLED})"),
+    (records(), [OLD, LATEST], f"sweeps {OLD} and {LATEST} are both of {EXP}: name one sweep per "
+     "experiment"),
+])
+def test_no_sweep_to_read_is_one_line_and_exit_2(tmp_path, capsys, recs, named, message):
+    source = to_export(tmp_path / "export", recs)
+    with pytest.raises(runs.SelectionError, match=f"^{re.escape(message)}$"):
+        runs.load(source, [EXP], named)
+    argv = ["--source", source, *[a for s in named for a in ("--sweep", s)]]
+    for command in ("tables", "export"):
+        assert main([command, *argv, "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_says_which_sweep_and_exports_it(tmp_path, capsys):
+    uri = to_store(tmp_path, records())
+    assert main(["tables", "--source", uri, "--sweep", OLD, "--out", str(tmp_path / "a")]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"{EXP}: sweep {OLD} (named, FINISHED; ignored {LATEST} FINISHED, {KILLED} KILLED)"
+    table = (tmp_path / "a" / "tables" / "t3_ablations.md").read_text()
+    assert f"sweeps {OLD};" in table and "| old |" in table
+    assert main(["export", "--source", uri, "--out", str(tmp_path / "export")]) == 0
+    exported = runs.load(str(tmp_path / "export"), [EXP])
+    assert set(exported.trials["tags.sweep.id"]) == {LATEST} and len(exported.trials) == 6
+    assert capsys.readouterr().out.startswith(f"{EXP}: sweep {LATEST} (latest complete of 3;")
