@@ -58,15 +58,26 @@ def main(argv: list[str] | None = None) -> int:
 
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
-    from sweeps import runner  # Ray and MLflow are imported only for a valid spec
+    from sweeps import interrupt, runner  # Ray and MLflow are imported only for a valid spec
 
     try:
         results = runner.run(specs[0], runner.Settings.from_env())
+    except runner.Interrupted as err:
+        print(f"{err} ({resume_command(args)})", file=sys.stderr)
+        return interrupt.exit_status()
+    except KeyboardInterrupt:
+        print(f"interrupted by {interrupt.name()} before the sweep started; nothing was recorded",
+              file=sys.stderr)
+        return interrupt.exit_status()
     except runner.SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary(results, specs[0]))
     return 0 if not results.errors else 1
+
+
+def resume_command(args) -> str:
+    return f"make sweep SPEC={args.spec}{' SMOKE=1' if args.smoke else ''}"
 
 
 def summary(results, spec) -> str:

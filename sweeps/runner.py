@@ -19,7 +19,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.config import TrialConfig
 from study.data import DatasetError, load
-from sweeps import tracking
+from sweeps import interrupt, resources, tracking
+from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
 from sweeps.space import DefineByRun, sampler
 from sweeps.spec import SweepSpec
@@ -48,9 +49,15 @@ class Settings:
         return cls(storage, uri, None)
 
 
+class Interrupted(SweepError):
+    """SIGINT or SIGTERM stopped the sweep; the record was closed as KILLED (exit 128 + signal)."""
+
+
 def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
-    """Run (or resume) the sweep to the end and close its MLflow runs. The data, the tracking store
-    and the Ray cluster are checked before anything is started or written."""
+    """Run (or resume) the sweep to the end and close its MLflow runs. The data, the tracking store,
+    the storage, the Ray cluster and its room for one trial are checked, and the sweep's driver
+    lock taken, before anything is started or written."""
+    interrupt.install()
     try:
         dataset = load(TrialConfig.from_flat(spec.fixed).data)
     except DatasetError as err:
@@ -58,9 +65,24 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
     check_tracking(settings.tracking_uri)
     check_storage(settings.storage)
     check_ray(os.environ.get("RAY_ADDRESS"))
-    _start_ray()
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        resources.check_fits(spec.resources, [resources.local_node()], "node (this machine)")
+    lock = DriverLock(settings.storage, spec.sweep_id).acquire()
+    try:
+        _start_ray()
+        if os.environ.get("RAY_ADDRESS") or not _started_here:
+            nodes, can_grow = resources.cluster_nodes()
+            resources.check_fits(spec.resources, nodes, "node of the cluster", can_grow)
+        return _run_locked(spec, settings, dataset)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: SweepSpec, settings: Settings, dataset) -> tune.ResultGrid:
     client = MlflowClient(settings.tracking_uri)
     exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
+    for line in close_other_sweeps(client, exp_id, spec, settings.storage):
+        print(line, flush=True)
     stale = tracking.close_stale_runs(client, exp_id, spec.sweep_id)
     tags = tracking.provenance(spec)
     parent = tracking.open_parent(client, exp_id, spec, tags)
@@ -69,27 +91,82 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
     print(f"sweep {spec.sweep_id}: {spec.num_trials} trials, {'resuming' if resumed else 'new'}"
           f"{f', {stale} stale runs closed' if stale else ''}; storage {path}; MLflow "
           f"{settings.tracking_uri} experiment {spec.experiment!r}", flush=True)
-    if resumed:
-        tuner = tune.Tuner.restore(path, trainable=_trainable(spec, dataset), resume_errored=True)
-    else:
-        tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags)
-        tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec)])
-    status = "FAILED"
+    status, failure = "FAILED", None
     try:
+        if resumed:
+            tuner = tune.Tuner.restore(path, trainable=_trainable(spec, dataset),
+                                       resume_errored=True)
+        else:
+            tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags)
+            tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec), interrupt.Catch()])
         results = tuner.fit()
-        status = "FINISHED"
-        return results
+        status = "KILLED" if interrupt.received else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+    except Exception as err:
+        failure = tracking.summary(str(err))
         raise
     finally:
-        # Ray Tune stops gracefully on Ctrl-C and returns: trial runs still open were cut short.
-        if tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial"):
-            status = "KILLED" if status == "FINISHED" else status
-        client.set_terminated(parent, status=status)
+        left = _close_record(client, exp_id, spec, parent, status, failure)
+    if interrupt.received or status == "KILLED":
+        killed = len([r for r in tracking.find_runs(client, exp_id, {
+            "sweep.id": spec.sweep_id, "sweep.role": "trial"}) if r.info.status == "KILLED"])
+        raise Interrupted(f"interrupted by {interrupt.name()}: the sweep and {killed} cut-short "
+                          f"trial runs are marked KILLED{left}; run the same command to resume")
+    if left:
+        raise SweepError(f"the sweep ended{left}")
+    return results
+
+
+def _close_record(client, exp_id: str, spec: SweepSpec, parent: str, status: str,
+                  failure: str | None) -> str:
+    """Flush the tracker, close runs left RUNNING as KILLED, close the parent; returns ", but
+    MLflow did not record: ..." when writes were left over."""
+    tracker = tracking.active_tracker()
+    left = tracker.left if tracker is not None else []
+    if tracker is not None and not left:
+        left = tracker.writer.flush(float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600)))
+    if left:
+        return (f", but MLflow at {tracker.tracking_uri} did not record "
+                f"{len(left)} writes ({tracking.describe_left(left)})")
+    if tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial"):
+        status = "KILLED" if status == "FINISHED" else status
+    if failure:
+        client.set_tag(parent, "sweep.failure", failure)
+    client.set_terminated(parent, status=status)
+    return ""
+
+
+def close_other_sweeps(client, exp_id: str, spec: SweepSpec, storage: str) -> list[str]:
+    """Other sweeps of the same spec name in this experiment (the spec's meaning changed): one
+    line each for an incomplete one, and its runs left RUNNING by a driver that is gone are
+    closed KILLED (a sweep whose driver still runs is left alone)."""
+    lines = []
+    parents = tracking.find_runs(client, exp_id, {"sweep.role": "parent"})
+    for other in parents:
+        other_id = other.data.tags.get("sweep.id")
+        if other_id == spec.sweep_id or other.info.status == "FINISHED":
+            continue
+        holder = DriverLock(storage, other_id).held_elsewhere()
+        if holder is not None:
+            lines.append(f"note: sweep {other_id} of an earlier version of this spec is running "
+                         f"(driver {holder_text(holder)}); this is a new sweep {spec.sweep_id}")
+            continue
+        closed = tracking.close_stale_runs(client, exp_id, other_id)
+        trials = tracking.find_runs(client, exp_id, {"sweep.id": other_id, "sweep.role": "trial"})
+        done = sum(r.info.status in ("FINISHED", "FAILED") for r in trials)
+        lines.append(f"note: the spec changed since sweep {other_id} (incomplete: {done} of "
+                     f"{other.data.params.get('search.samples', '?')} trials ended"
+                     f"{f', {closed} runs left RUNNING closed KILLED' if closed else ''}); "
+                     f"starting sweep {spec.sweep_id}")
+    return lines
+
+
+_started_here = False
 
 
 def _start_ray() -> None:
+    global _started_here
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -99,6 +176,7 @@ def _start_ray() -> None:
         else:
             ray.init(address="local", include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1", configure_logging=False)
+            _started_here = True
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "
                          f"{tracking.summary(str(err))}") from err

@@ -1,8 +1,9 @@
 """MLflow as the record: one experiment per spec, one parent run per sweep, one child run per trial.
 
-Only the driver writes (a Ray Tune callback), so a local SQLite store has a single writer. Every
-write is idempotent and queued: when the tracking server is unreachable the queue waits and is
-replayed in order later, so nothing reported during an outage is lost. A resumed or retried sweep
+Only the driver writes (a Ray Tune callback and one background writer thread), so a local SQLite
+store has a single writer. Every write is idempotent and queued: when the tracking server is
+unreachable the queue waits and is retried in order with back-off, so nothing reported during an
+outage is lost, and Ray Tune's loop never waits on MLflow. A resumed or retried sweep
 finds its runs by their `sweep.id` / `trial.id` tags and logs each epoch (step) once.
 """
 
@@ -13,7 +14,9 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -107,112 +110,128 @@ def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[s
 
 
 class MlflowTracker(tune.Callback):
-    """Ray Tune callback (driver side) that mirrors every trial into a child run."""
+    """Ray Tune callback (driver side) that mirrors every trial into a child run.
+
+    The hooks only copy what they need from the trial and queue the write; a `Writer` thread does
+    the MLflow calls, so a slow or partitioned tracking server never holds up Ray Tune's loop.
+    A run's closing tags are computed from what the run holds (its metric history), so closing
+    it again after a resume always brings them up to date:
+
+        trial.epochs        epochs in its history
+        trial.ended         budget | scheduler | diverged | failed | interrupted
+        trial.stopped_early true only for a trial the scheduler ended before its budget
+        status              FINISHED (budget, scheduler), FAILED (diverged, failed), KILLED
+                            (interrupted: reopened and continued by a resume)
+    """
 
     def __init__(self, spec: SweepSpec, tracking_uri: str, exp_id: str, parent_run_id: str,
                  tags: dict[str, str]):
+        global _ACTIVE
         self.spec, self.tracking_uri, self.exp_id = spec, tracking_uri, exp_id
         self.parent_run_id, self.tags = parent_run_id, tags
         self.client = MlflowClient(tracking_uri)
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.last_step: dict[str, int] = {}  # run id -> last epoch logged
-        self.pending: list[Callable[[], None]] = []
-        self.closed: set[str] = set()  # trial ids whose run this tracker closed
+        self.seen: set[str] = set()  # trials that ran in this driver
+        self.ended: set[str] = set()  # trials that ended by their own rule (or failed) here
+        self.writer = Writer(tracking_uri)
+        self.left: list[str] = []  # writes the final flush could not do
+        _ACTIVE = self
 
     def __getstate__(self):
         """Ray pickles the callbacks with the experiment; a restored sweep starts with empty caches
-        (runs are found again by their tags) and a fresh client."""
+        (runs are found again by their tags), a fresh client and a fresh writer."""
         return {k: getattr(self, k) for k in ("spec", "tracking_uri", "exp_id", "parent_run_id",
                                               "tags")}
 
     def __setstate__(self, state):
         self.__init__(**state)
 
-    # Ray Tune hooks ---------------------------------------------------------------------------
+    # Ray Tune hooks (Ray Tune's thread: copy, queue, return) ------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._submit(lambda: self._open(trial))
+        self.seen.add(trial.trial_id)
+        trial_id, config = trial.trial_id, dict(trial.config)
+        self._submit(f"trial {trial_id}: open", lambda: self._open(trial_id, config, start=True))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        result = dict(result)
-        self._submit(lambda: self._log_result(trial, result))
+        self.seen.add(trial.trial_id)
+        trial_id, config, result = trial.trial_id, dict(trial.config), dict(result)
+        self._submit(f"trial {trial_id}: epoch {result.get('epoch')}",
+                     lambda: self._log_result(trial_id, config, result))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._submit(lambda: self._close(trial, error=None))
+        self.ended.add(trial.trial_id)
+        self._submit_close(trial, error=None, interrupted=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        message = _error_of(trial)
-        self._submit(lambda: self._close(trial, error=message))
+        self.ended.add(trial.trial_id)
+        self._submit_close(trial, error=_error_of(trial), interrupted=False)
 
     def on_experiment_end(self, trials, **info):
-        known = {trial.trial_id for trial in trials}
-        for trial in trials:  # also a trial that failed before it ever started gets its run
-            if trial.trial_id in self.closed or trial.status not in ("TERMINATED", "ERROR"):
+        """Trials still open here were cut short by an interruption (Ray Tune marks them
+        TERMINATED when it stops): KILLED. Trials restored as ended (finished by an earlier
+        driver) are closed again where their run is not closed with its final tags. Then the
+        queue is flushed (see `flush`)."""
+        for trial in trials:
+            if trial.trial_id in self.ended:
                 continue
-            message = _error_of(trial) if trial.status == "ERROR" else None
-            self._submit(lambda trial=trial, message=message: self._close(trial, message))
-        self._submit(lambda: self._drop_orphans(known))
-        self.flush(deadline_s=float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600)))
+            if trial.trial_id in self.seen and trial.status == "TERMINATED":
+                self._submit_close(trial, error=None, interrupted=True)
+            elif trial.status in ("TERMINATED", "ERROR"):
+                error = _error_of(trial) if trial.status == "ERROR" else None
+                self._submit_close(trial, error=error, interrupted=False, only_if_open=True)
+        known = {trial.trial_id for trial in trials}
+        self._submit("orphaned runs", lambda: self._drop_orphans(known))
+        self.left = self.writer.flush(float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600)))
 
-    # the queue ---------------------------------------------------------------------------------
-    def _submit(self, operation: Callable[[], None]) -> None:
-        self.pending.append(operation)
-        self._drain()
+    def _submit(self, what: str, operation: Callable[[], None]) -> None:
+        self.writer.submit(what, operation)
 
-    def _drain(self) -> bool:
-        while self.pending:
-            try:
-                self.pending[0]()
-            except Exception as err:
-                if not unreachable(err):
-                    raise
-                log.warning("MLflow unreachable (%s); %d operations queued",
-                            summary(str(err)), len(self.pending))
-                return False
-            self.pending.pop(0)
-        return True
+    def _submit_close(self, trial, error: str | None, interrupted: bool,
+                      only_if_open: bool = False) -> None:
+        trial_id, config = trial.trial_id, dict(trial.config)
+        checkpoint = getattr(trial, "checkpoint", None)
+        self._submit(f"trial {trial_id}: close", lambda: self._close(
+            trial_id, config, checkpoint, error, interrupted, only_if_open))
 
-    def flush(self, deadline_s: float) -> None:
-        """Replay the queue until it is empty or `deadline_s` passed (then say what was left)."""
-        end = time.monotonic() + deadline_s
-        while not self._drain() and time.monotonic() < end:
-            time.sleep(2)
-        if self.pending:
-            raise RuntimeError(f"MLflow stayed unreachable; {len(self.pending)} operations "
-                               "not recorded (the trials' own results stay in the Ray storage)")
+    # operations (the writer's thread; each idempotent) ------------------------------------------
+    def _run_id(self, trial_id: str, config: dict) -> str:
+        if trial_id not in self.runs:
+            self._open(trial_id, config)
+        return self.runs[trial_id]
 
-    # operations (each idempotent) ---------------------------------------------------------------
-    def _run_id(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            self._open(trial)
-        return self.runs[trial.trial_id]
-
-    def _open(self, trial) -> None:
+    def _open(self, trial_id: str, config: dict, start: bool = False) -> None:
+        """The trial's run, created or found again; a trial that starts (again: resumed after an
+        interruption, retried after an error) has its run RUNNING until it is closed anew."""
         existing = find_runs(self.client, self.exp_id,
-                             {"sweep.id": self.spec.sweep_id, "trial.id": trial.trial_id})
+                             {"sweep.id": self.spec.sweep_id, "trial.id": trial_id})
         if existing:
             run = existing[0]
             run_id = run.info.run_id
-            history = self.client.get_metric_history(run_id, "train/loss")
-            self.last_step[run_id] = max((m.step for m in history), default=0)
-            if not _closed(run):  # a finished run stays as it was recorded
+            self.last_step[run_id] = max(self._epochs(run_id), default=0)
+            if start and run.info.status != "RUNNING":
+                self.client.log_batch(run_id, tags=[RunTag("trial.closed", "false")])
                 self.client.update_run(run_id, status="RUNNING")
+            for stale in ("trial.ended", "trial.failure"):  # of the previous attempt
+                if start and stale in run.data.tags:
+                    self.client.delete_tag(run_id, stale)
         else:
-            config = self.spec.trial_config(trial.config)
-            tags = {**self.tags, "sweep.role": "trial", "trial.id": trial.trial_id,
-                    "seed": str(config.seed), "mlflow.parentRunId": self.parent_run_id}
-            variant = trial.config.get("trial", {}).get("variant")
+            trial_config = self.spec.trial_config(config)
+            tags = {**self.tags, "sweep.role": "trial", "trial.id": trial_id,
+                    "seed": str(trial_config.seed), "mlflow.parentRunId": self.parent_run_id}
+            variant = config.get("trial", {}).get("variant")
             if variant is not None:
                 tags["trial.variant"] = variant
             run = self.client.create_run(self.exp_id, tags=tags,
-                                         run_name=f"{self.spec.name}-{trial.trial_id}")
+                                         run_name=f"{self.spec.name}-{trial_id}")
             run_id = run.info.run_id
-            params = flat_to_strings(config.to_flat())
+            params = flat_to_strings(trial_config.to_flat())
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
             self.last_step[run_id] = 0
-        self.runs[trial.trial_id] = run_id
+        self.runs[trial_id] = run_id
 
-    def _log_result(self, trial, result: dict[str, Any]) -> None:
-        run_id = self._run_id(trial)
+    def _log_result(self, trial_id: str, config: dict, result: dict[str, Any]) -> None:
+        run_id = self._run_id(trial_id, config)
         step = int(result.get("epoch", 0))
         if step <= self.last_step.get(run_id, 0):
             return  # already logged (a retried trial re-reporting from its checkpoint)
@@ -224,23 +243,31 @@ class MlflowTracker(tune.Callback):
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.last_step[run_id] = step
 
-    def _close(self, trial, error: str | None) -> None:
-        run_id = self._run_id(trial)
+    def _epochs(self, run_id: str) -> list[int]:
+        return sorted({m.step for m in self.client.get_metric_history(run_id, "train/loss")})
+
+    def _close(self, trial_id: str, config: dict, checkpoint, error: str | None,
+               interrupted: bool, only_if_open: bool) -> None:
+        run_id = self._run_id(trial_id, config)
         run = self.client.get_run(run_id)
-        if _closed(run):
-            self.closed.add(trial.trial_id)
+        if only_if_open and _closed(run) and "trial.ended" in run.data.tags:
             return
-        epochs = self.last_step.get(run_id, 0)
-        diverged = "trial.failure" in run.data.tags
-        tags = {"trial.epochs": str(epochs), "trial.closed": "true",
-                "trial.stopped_early": str(not error and not diverged
-                                           and epochs < self.spec.epochs).lower()}
+        epochs = len(self._epochs(run_id))
+        diverged = "trial.failure" in run.data.tags and not error
+        if interrupted:
+            ended, status = "interrupted", "KILLED"
+        elif error or diverged:
+            ended, status = ("failed" if error else "diverged"), "FAILED"
+        else:
+            ended, status = ("budget" if epochs >= self.spec.epochs else "scheduler"), "FINISHED"
+        tags = {"trial.epochs": str(epochs), "trial.ended": ended,
+                "trial.closed": str(status != "KILLED").lower(),
+                "trial.stopped_early": str(ended == "scheduler").lower()}
         if error:
             tags["trial.failure"] = error
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self._log_artifacts(run_id, trial)
-        self.client.set_terminated(run_id, status="FAILED" if error or diverged else "FINISHED")
-        self.closed.add(trial.trial_id)
+        self._log_artifacts(run_id, config, checkpoint)
+        self.client.set_terminated(run_id, status=status)
 
     def _drop_orphans(self, known: set[str]) -> None:
         """A trial that started just before the driver died, after Ray Tune's last snapshot of the
@@ -252,18 +279,112 @@ class MlflowTracker(tune.Callback):
                 self.client.set_tag(run.info.run_id, "trial.orphaned", "true")
                 self.client.delete_run(run.info.run_id)
 
-    def _log_artifacts(self, run_id: str, trial) -> None:
+    def _log_artifacts(self, run_id: str, config: dict, checkpoint) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            config = self.spec.trial_config(trial.config).to_flat()
-            Path(folder, "config.json").write_text(json.dumps(config, indent=2, default=list))
+            flat = self.spec.trial_config(config).to_flat()
+            Path(folder, "config.json").write_text(json.dumps(flat, indent=2, default=list))
             self.client.log_artifact(run_id, f"{folder}/config.json")
-        checkpoint = getattr(trial, "checkpoint", None)
         if checkpoint is None:
             return
         with checkpoint.as_directory() as folder:
             for name in ("history.json", "model.keras"):
                 if Path(folder, name).exists():
                     self.client.log_artifact(run_id, str(Path(folder, name)))
+
+
+_ACTIVE: MlflowTracker | None = None
+
+
+def active_tracker() -> MlflowTracker | None:
+    """The tracker of this driver's sweep (the runner's, or the one Ray Tune restored with the
+    experiment)."""
+    return _ACTIVE
+
+
+class Writer:
+    """MLflow writes in order on a background thread. A write that finds the tracking store
+    unreachable is retried with exponential back-off (1 s doubling to 30 s) and nothing behind it
+    overtakes it; a write that fails for any other reason (a bug) stops the writer and is raised
+    on Ray Tune's thread at the next hook, and by `flush`."""
+
+    MAX_BACKOFF_S = 30.0
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.queue: deque[tuple[str, Callable[[], None]]] = deque()
+        self.lock = threading.Condition()
+        self.failure: BaseException | None = None
+        self.outage_since: float | None = None
+        self.thread = threading.Thread(target=self._work, daemon=True, name="mlflow-writer")
+        self.thread.start()
+
+    def submit(self, what: str, operation: Callable[[], None]) -> None:
+        with self.lock:
+            if self.failure is not None:
+                raise self.failure
+            self.queue.append((what, operation))
+            self.lock.notify_all()
+
+    def flush(self, deadline_s: float) -> list[str]:
+        """Wait until every queued write is done, at most `deadline_s`; what is left, described."""
+        end = time.monotonic() + deadline_s
+        with self.lock:
+            while self.queue and self.failure is None and time.monotonic() < end:
+                self.lock.wait(timeout=min(1.0, max(0.0, end - time.monotonic())))
+            if self.failure is not None:
+                raise self.failure
+            return [what for what, _ in self.queue]
+
+    def _work(self) -> None:
+        delay = 1.0
+        while True:
+            with self.lock:
+                while not self.queue:
+                    self.lock.wait()
+                what, operation = self.queue[0]
+            try:
+                operation()
+            except Exception as err:
+                if not unreachable(err):
+                    with self.lock:
+                        self.failure = err
+                        self.lock.notify_all()
+                    return
+                self._outage(err)
+                time.sleep(delay)
+                delay = min(2 * delay, self.MAX_BACKOFF_S)
+                continue
+            delay = 1.0
+            with self.lock:
+                self.queue.popleft()
+                if self.outage_since is not None:
+                    log.warning("MLflow reachable again after %.0f s; %d writes queued",
+                                time.monotonic() - self.outage_since, len(self.queue))
+                    self.outage_since = None
+                self.lock.notify_all()
+
+    def _outage(self, err: BaseException) -> None:
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            log.warning("MLflow at %s unreachable (%s); %d writes queued, retrying",
+                        self.tracking_uri, summary(str(err)), len(self.queue))
+
+
+def describe_left(left: list[str]) -> str:
+    """Writes not done, grouped by trial: 'trial 1a: epochs 3-4, close; orphaned runs'."""
+    groups: dict[str, list[str]] = {}
+    for what in left:
+        who, _, op = what.partition(": ")
+        groups.setdefault(who, []).append(op)
+    parts = []
+    for who, ops in groups.items():
+        epochs = [int(op.split()[1]) for op in ops if op.startswith("epoch ") and
+                  op.split()[1].isdigit()]
+        rest = [op for op in ops if op and not op.startswith("epoch ")]
+        span = [f"epochs {min(epochs)}-{max(epochs)}" if len(epochs) > 1 else f"epoch {epochs[0]}"
+                ] if epochs else []
+        parts.append(f"{who}: {', '.join(span + rest)}" if span + rest else who)
+    return "; ".join(parts)
 
 
 def unreachable(err: BaseException) -> bool:

@@ -1,0 +1,56 @@
+"""Whether the cluster can ever give one trial what the spec asks for, checked before launch.
+
+A trial is one Ray bundle ({"CPU": cpus, "GPU": gpus}), so some single node must hold it. On this
+machine (a local Ray the command starts itself) the node is this machine as Ray would see it; on a
+cluster it is the largest alive node, or, where the cluster reports an autoscaling configuration,
+the largest node type it may start. Otherwise Ray Tune would wait forever for a placement.
+"""
+
+from __future__ import annotations
+
+from sweeps.preflight import SweepError
+from sweeps.spec import Resources
+
+
+def local_node() -> dict[str, float]:
+    """CPUs and GPUs that `ray.init()` would register on this machine (Ray's own detection:
+    cgroup CPU limits, CUDA_VISIBLE_DEVICES)."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    gpus = get_accelerator_manager_for_resource("GPU")
+    visible = gpus.get_current_process_visible_accelerator_ids()
+    count = len(visible) if visible is not None else gpus.get_current_node_num_accelerators()
+    return {"CPU": float(get_num_cpus()), "GPU": float(count)}
+
+
+def cluster_nodes() -> tuple[list[dict[str, float]], bool]:
+    """The connected cluster's node shapes: alive nodes, plus the node types an autoscaler may add;
+    and whether such an autoscaling configuration exists."""
+    import ray
+    from ray._private.state import state
+
+    shapes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    config = None
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # an older GCS without the autoscaler's key: a fixed cluster
+        config = None
+    groups = [dict(group.resources) for group in config.node_group_configs
+              if group.max_count != 0] if config is not None else []
+    return shapes + [{k: float(v) for k, v in g.items()} for g in groups], bool(groups)
+
+
+def check_fits(resources: Resources, nodes: list[dict[str, float]], where: str,
+               can_grow: bool = False) -> None:
+    """SweepError unless one node shape holds a trial's CPUs and GPUs."""
+    need = {"CPU": float(resources.cpus), "GPU": float(resources.gpus)}
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in nodes):
+        return
+    biggest = {k: max((node.get(k, 0.0) for node in nodes), default=0.0) for k in need}
+    lacking = [f"resources.{name}: {need[key]:g} per trial, but the largest {where} has "
+               f"{biggest[key]:g}" for key, name in (("CPU", "cpus"), ("GPU", "gpus"))
+               if need[key] > biggest[key]] or [
+        f"resources: no single {where} has {need['CPU']:g} CPUs and {need['GPU']:g} GPUs together"]
+    grow = " (including the node types its autoscaler may start)" if can_grow else ""
+    raise SweepError("; ".join(lacking) + f"{grow}: the trials could never be placed")
