@@ -1,0 +1,132 @@
+"""The MLflow tracker without Ray: writes leave Ray Tune's thread at once, wait out an unreachable
+server in order, say what is left, surface bugs; closing tags come from the run's history."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from sweeps import tracking
+from sweeps.spec import parse_spec
+
+SPEC = parse_spec({"name": "tracked", "fixed": {"data.name": "synthetic", "budget.epochs": 3},
+                   "space": {"activation.p": {"uniform": [0.0, 1.0]}},
+                   "search": {"algorithm": "tpe", "samples": 2}}, "test")
+
+
+def trial(trial_id="t1", status="RUNNING"):
+    return SimpleNamespace(trial_id=trial_id, config={"activation.p": 0.5, "seed": 0},
+                           status=status, checkpoint=None)
+
+
+def result(epoch):
+    return {"epoch": epoch, "train/loss": 1.0 / epoch, "val/accuracy_binary": 0.5}
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("tracked", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, tags={"sweep.id": SPEC.sweep_id, "sweep.role": "parent"})
+    return uri, client, exp, parent.info.run_id
+
+
+def tracker_for(store):
+    uri, _, exp, parent = store
+    return tracking.MlflowTracker(SPEC, uri, exp, parent, {"sweep.id": SPEC.sweep_id})
+
+
+def test_an_unreachable_server_never_blocks_the_hooks_and_the_driver_says_what_is_left(
+        monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tracker = tracking.MlflowTracker(SPEC, "http://127.0.0.1:9", "0", "parent", {})
+    one = trial()
+    tracker.on_trial_start(0, [one], one)
+    for epoch in (1, 2, 3):
+        tracker.on_trial_result(epoch, [one], one, result(epoch))
+    tracker.on_trial_complete(3, [one], one)
+    assert len(tracker.writer.queue) >= 4  # all queued while the first write still fails
+    left = tracker.writer.flush(deadline_s=1)
+    assert left == ["trial t1: open", "trial t1: epoch 1", "trial t1: epoch 2", "trial t1: epoch 3",
+                    "trial t1: close"]
+    assert tracking.describe_left(left) == "trial t1: epochs 1-3, open, close"
+    assert tracker.writer.outage_since is not None
+
+
+def test_writes_wait_out_an_outage_in_order(monkeypatch):
+    writer = tracking.Writer("test")
+    done, failures = [], iter([ConnectionError("refused")] * 2)
+
+    def flaky():
+        error = next(failures, None)
+        if error:
+            raise error
+        done.append("first")
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the back-off, not the test, waits
+    writer.submit("a: flaky", flaky)
+    writer.submit("a: second", lambda: done.append("second"))
+    assert writer.flush(deadline_s=30) == []
+    assert done == ["first", "second"]
+
+
+def test_a_write_that_fails_for_another_reason_surfaces_on_the_next_hook():
+    writer = tracking.Writer("test")
+
+    def bug():
+        raise ValueError("a bug, not an outage")
+
+    writer.submit("a: bug", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        writer.flush(deadline_s=10)
+    with pytest.raises(ValueError, match="a bug"):
+        writer.submit("a: next", lambda: None)
+
+
+def test_closing_again_brings_stale_tags_up_to_date(store):
+    """A run closed by an earlier driver with wrong tags (the Ctrl-C bug: FINISHED, 0 epochs,
+    stopped early) although it holds every epoch: a resumed sweep closes it again truly."""
+    uri, client, exp, parent = store
+    run = client.create_run(exp, tags={"sweep.id": SPEC.sweep_id, "sweep.role": "trial",
+                                       "trial.id": "t1", "trial.epochs": "0",
+                                       "trial.stopped_early": "true", "trial.closed": "true"})
+    client.log_batch(run.info.run_id, metrics=[Metric("train/loss", 1.0, 0, s) for s in (1, 2, 3)])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    tracker = tracker_for(store)
+    tracker.on_experiment_end([trial(status="TERMINATED")])
+    tags = client.get_run(run.info.run_id).data.tags
+    assert (tags["trial.epochs"], tags["trial.stopped_early"], tags["trial.ended"]) == (
+        "3", "false", "budget")
+
+
+def test_a_trial_cut_short_is_killed_and_its_next_start_reopens_it(store):
+    uri, client, exp, parent = store
+    tracker = tracker_for(store)
+    one = trial()
+    tracker.on_trial_start(0, [one], one)
+    tracker.on_trial_result(1, [one], one, result(1))
+    one.status = "TERMINATED"  # what Ray Tune does to a running trial when it is interrupted
+    tracker.on_experiment_end([one])
+    [run] = client.search_runs([exp], "tags.`trial.id` = 't1'")
+    assert run.info.status == "KILLED"
+    assert (run.data.tags["trial.epochs"], run.data.tags["trial.ended"],
+            run.data.tags["trial.stopped_early"]) == ("1", "interrupted", "false")
+
+    resumed = tracker_for(store)  # the next driver
+    again = trial()
+    resumed.on_trial_start(0, [again], again)
+    resumed.writer.flush(10)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "RUNNING" and "trial.ended" not in run.data.tags
+    for epoch in (1, 2, 3):  # epoch 1 again from the checkpoint: logged once
+        resumed.on_trial_result(epoch, [again], again, result(epoch))
+    resumed.on_trial_complete(3, [again], again)
+    resumed.on_experiment_end([again])
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert (run.data.tags["trial.epochs"], run.data.tags["trial.ended"]) == ("3", "budget")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
