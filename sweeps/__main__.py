@@ -43,12 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         if args.reachable:
+            from sweeps import resources
             from sweeps.preflight import SweepError, check_ray, check_tracking
 
+            address = os.environ.get("RAY_ADDRESS")
             try:
-                check_ray(os.environ.get("RAY_ADDRESS"))
+                check_ray(address)
                 if os.environ.get("MLFLOW_TRACKING_URI"):
                     check_tracking(os.environ["MLFLOW_TRACKING_URI"])
+                nodes = (resources.dashboard_nodes(address) if address and "://" in address
+                         and not resources.can_grow() else None)
+                for spec in specs if nodes is not None else []:
+                    resources.check_fits(spec.resources, nodes, f"node of the cluster at {address}")
             except SweepError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2

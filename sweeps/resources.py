@@ -8,6 +8,12 @@ the largest node type it may start. Otherwise Ray Tune would wait forever for a 
 
 from __future__ import annotations
 
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
 from sweeps.preflight import SweepError
 from sweeps.spec import Resources
 
@@ -41,6 +47,38 @@ def cluster_nodes() -> tuple[list[dict[str, float]], bool]:
     return shapes + [{k: float(v) for k, v in g.items()} for g in groups], bool(groups)
 
 
+def dashboard_nodes(address: str, timeout: float = 10.0) -> list[dict[str, float]] | None:
+    """The alive nodes' resources from a cluster's dashboard (RAY_ADDRESS=http://head:8265, what
+    `make sweep` submits to), with the token of Ray's token authentication; None when the
+    dashboard does not say (the job's driver then checks once connected)."""
+    request = urllib.request.Request(f"{address.rstrip('/')}/api/v0/nodes?limit=10000&detail=true")
+    token = ray_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            nodes = json.load(reply)["data"]["result"]["result"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return [dict(node.get("resources_total") or {}) for node in nodes if node.get("state") == "ALIVE"]
+
+
+def ray_token() -> str | None:
+    """Where `ray` itself reads the token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def can_grow() -> bool:
+    """STUDY_CLUSTER_CAN_GROW=1: the cluster autoscales (checked once connected instead)."""
+    return os.environ.get("STUDY_CLUSTER_CAN_GROW") == "1"
+
+
 def check_fits(resources: Resources, nodes: list[dict[str, float]], where: str,
                can_grow: bool = False) -> None:
     """SweepError unless one node shape holds a trial's CPUs and GPUs."""
@@ -52,5 +90,7 @@ def check_fits(resources: Resources, nodes: list[dict[str, float]], where: str,
                f"{biggest[key]:g}" for key, name in (("CPU", "cpus"), ("GPU", "gpus"))
                if need[key] > biggest[key]] or [
         f"resources: no single {where} has {need['CPU']:g} CPUs and {need['GPU']:g} GPUs together"]
-    grow = " (including the node types its autoscaler may start)" if can_grow else ""
-    raise SweepError("; ".join(lacking) + f"{grow}: the trials could never be placed")
+    grow = (" (including the node types its autoscaler may start)" if can_grow else
+            "; an autoscaling cluster that can add such a node: set STUDY_CLUSTER_CAN_GROW=1"
+            if where.startswith("node of the cluster") else "")
+    raise SweepError("; ".join(lacking) + f": the trials could never be placed{grow}")

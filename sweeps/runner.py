@@ -71,8 +71,9 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
     try:
         _start_ray()
         if os.environ.get("RAY_ADDRESS") or not _started_here:
-            nodes, can_grow = resources.cluster_nodes()
-            resources.check_fits(spec.resources, nodes, "node of the cluster", can_grow)
+            nodes, grows = resources.cluster_nodes()
+            if grows or not resources.can_grow():
+                resources.check_fits(spec.resources, nodes, "node of the cluster", grows)
         return _run_locked(spec, settings, dataset)
     finally:
         lock.release()

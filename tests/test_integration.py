@@ -199,3 +199,21 @@ def test_sixteen_trials_log_concurrently_without_loss(stack):
     done = assert_complete(spec, client)
     assert sum(len(steps(client, c)) for c in done) == 16 * spec.epochs
 
+
+
+@pytest.mark.parametrize("resources", ["{cpus: 2}", "{cpus: 1, gpus: 1}"], ids=["cpus", "gpus"])
+def test_resources_no_node_of_the_cluster_has_are_refused_before_submission(stack, resources):
+    _, _, env = stack
+    folder = ROOT / "runs" / "test-specs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "too-big.yaml"
+    path.write_text((SPECS / "cluster_smoke.yaml").read_text().replace(
+        "name: cluster-smoke", "name: too-big").replace("resources: {cpus: 1}",
+                                                        f"resources: {resources}"))
+    proc = make_sweep(path, env)
+    out, _ = proc.communicate(timeout=300)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, out[-3000:]
+    assert "never be placed" in errors[0] and "largest node of the cluster" in errors[0]
+    assert "ray job submit" not in out  # refused before a job existed
+    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("too-big") is None
