@@ -4,9 +4,12 @@ is free again the moment its holder dies (however it dies)."""
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from sweeps import lock as lock_module
 from sweeps.lock import DriverLock, SweepLocked
 
 from .conftest import ROOT
@@ -52,3 +55,46 @@ def test_a_released_lock_can_be_taken_again(tmp_path):
         lock = DriverLock(str(tmp_path), "s-1").acquire()
         lock.release()
     assert DriverLock(str(tmp_path), "s-1").held_elsewhere() is None
+
+
+def object_lock(tmp_path, monkeypatch) -> DriverLock:
+    """The object-store lock (s3://...), exercised through pyarrow on a local folder."""
+    monkeypatch.setattr(lock_module, "SETTLE_S", 0.2)
+    monkeypatch.setattr(lock_module, "BEAT_S", 0.1)
+    lock = DriverLock(str(tmp_path), "s-1")
+    lock.remote = True
+    (tmp_path / ".drivers").mkdir(exist_ok=True)
+    return lock
+
+
+def test_of_two_object_locks_taken_together_one_wins(tmp_path, monkeypatch):
+    locks = [object_lock(tmp_path, monkeypatch) for _ in range(2)]
+    outcomes = []
+
+    def take(lock):
+        try:
+            outcomes.append(lock.acquire())
+        except SweepLocked as err:
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=take, args=(lock,)) for lock in locks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [o for o in outcomes if isinstance(o, DriverLock)]
+    assert len(winners) == 1 and "is already running" in str(
+        next(o for o in outcomes if isinstance(o, SweepLocked)))
+    winners[0].release()
+    assert object_lock(tmp_path, monkeypatch).held_elsewhere() is None
+
+
+def test_an_object_lock_whose_heartbeat_stopped_is_stale(tmp_path, monkeypatch):
+    dead = object_lock(tmp_path, monkeypatch)
+    dead._write_object({"pid": 1, "host": "gone", "started": 0, "token": "x",
+                        "heartbeat": time.time() - lock_module.STALE_S - 1})
+    live = object_lock(tmp_path, monkeypatch).acquire()  # takes over the stale one
+    time.sleep(0.3)  # a few heartbeats
+    with pytest.raises(SweepLocked):  # a fresh heartbeat holds it
+        object_lock(tmp_path, monkeypatch).acquire()
+    live.release()
