@@ -102,8 +102,8 @@ else
 	$(PY) -m analysis tables
 endif
 
-tables: setup ## Tables and figures into paper/ from the runs (local store if it has them, else paper/runs)
-	$(PY) -m analysis tables $(if $(SOURCE),--source $(SOURCE))
+tables: setup ## Tables and figures into paper/ from the runs (local store if it has them, else paper/runs) [SOURCE=...] [SWEEPS="id ..."]
+	$(PY) -m analysis tables $(if $(SOURCE),--source $(SOURCE)) $(foreach s,$(SWEEPS),--sweep $(s))
 
 notebooks: setup ## Execute analysis/notebooks/*.py headless into runs/notebooks/*.html
 	@mkdir -p runs/notebooks
