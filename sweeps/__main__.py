@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err} ({resume_command(args)})", file=sys.stderr)
         return interrupt.exit_status()
     except KeyboardInterrupt:
-        print(f"interrupted by {interrupt.name()} before the sweep started; nothing was recorded",
-              file=sys.stderr)
+        print(f"interrupted by {interrupt.name()} " + (
+            "before the record was closed; runs left RUNNING are closed KILLED when the same "
+            f"command runs again ({resume_command(args)})" if runner.recording else
+            "before the sweep started; nothing was recorded"), file=sys.stderr)
         return interrupt.exit_status()
     except runner.SweepError as err:
         print(f"error: {err}", file=sys.stderr)

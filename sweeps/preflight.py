@@ -1,57 +1,99 @@
-"""Checks made before a sweep starts anything: the tracking store and the Ray cluster answer.
+"""Checks made before a sweep starts anything: the tracking store, the trial storage and the Ray
+cluster can be used.
 
-Each failure is a `SweepError` with one line naming the service and the address; nothing has been
-started or written by then.
+Each failure is a `SweepError` with one line naming the setting, the address (passwords masked) and
+the problem; nothing has been started or written by then (a folder's writability is tried with a
+temporary file beside the store, which is removed at once; a database is opened read-only).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import socket
+import sqlite3
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
+
+from study.config import one_line
+
+_DATABASES = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # SQLAlchemy dialects, default ports
+_HOSTED = ("databricks", "databricks-uc", "uc")
+_SQLITE_HEADER = b"SQLite format 3\0"
 
 
 class SweepError(RuntimeError):
     """The sweep cannot start; the message is one line."""
 
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as reply:
-                if reply.status == 200:
-                    return
-                reason = f"HTTP {reply.status}"
-        except (urllib.error.URLError, OSError) as err:
-            reason = str(getattr(err, "reason", err))
-        raise SweepError(f"MLflow tracking server {uri} is unreachable ({reason})")
-    if parsed.scheme == "sqlite":
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():
-            raise SweepError(f"MLflow tracking store {uri}: folder {folder} does not exist")
+    """MLFLOW_TRACKING_URI names a store MLflow can use: a server that answers /health like MLflow,
+    an SQLite file that is (or can become) an MLflow database in a writable folder, a database
+    server that accepts a connection, or a hosted (databricks) or plugin scheme."""
+    if uri in _HOSTED:
         return
-    if parsed.scheme not in ("file", "postgresql", "postgresql+psycopg2", "mysql", "databricks", ""):
-        raise SweepError(f"MLFLOW_TRACKING_URI {uri!r}: unsupported scheme {parsed.scheme!r}")
+    try:
+        scheme = urlparse(uri).scheme.lower()
+    except ValueError as err:
+        raise SweepError(f"MLFLOW_TRACKING_URI {_masked(uri)!r}: not a URI ({err})") from None
+    dialect = scheme.split("+")[0]
+    if scheme in ("", "file") or len(scheme) == 1:  # a path (C: is a Windows drive)
+        raise SweepError(f"MLFLOW_TRACKING_URI {uri!r} is a folder path (MLflow's retired file "
+                         f"store): use a database file such as {_sqlite_suggestion(uri)} or a "
+                         f"tracking server's http://host:port")
+    if "://" not in uri:
+        raise SweepError(f"MLFLOW_TRACKING_URI {_masked(uri)!r}: expected {scheme}://...")
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout)
+    elif dialect == "sqlite":
+        _check_sqlite(uri, timeout)
+    elif dialect in _DATABASES:
+        _check_database(uri, dialect, timeout)
+    elif scheme not in _HOSTED and scheme not in _plugin_schemes():
+        raise SweepError(f"MLFLOW_TRACKING_URI {_masked(uri)!r}: unknown scheme {scheme!r} (use "
+                         f"sqlite:///<absolute path>, http(s)://, postgresql://, mysql:// or "
+                         f"databricks)")
 
 
 def check_storage(storage: str) -> None:
-    """Ray Tune's storage (STORAGE): a local or shared folder that can be written, or s3://..."""
-    parsed = urlparse(storage)
-    if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme else storage)
-        if path.exists() and not path.is_dir():
-            raise SweepError(f"STORAGE {storage!r} is a file, not a folder")
+    """Ray Tune's storage (STORAGE): an absolute local folder that exists or can be created, and can
+    be written, or a URI of a filesystem pyarrow opens (s3://, gs://, ...). Creates nothing."""
+    try:
+        parsed = urlparse(storage)
+    except ValueError as err:
+        raise SweepError(f"STORAGE {storage!r}: not a path or URI ({err})") from None
+    if parsed.scheme not in ("", "file"):
+        _check_remote_storage(storage)
+        return
+    path = Path(parsed.path if parsed.scheme else storage)
+    if not path.is_absolute():
+        raise SweepError(f"STORAGE {storage!r} is a relative path; Ray needs an absolute one, e.g. "
+                         f"{path.absolute()}")
+    if path.exists() and not path.is_dir():
+        raise SweepError(f"STORAGE {storage!r} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SweepError(f"STORAGE {storage!r} cannot be created: {existing} is a file")
+    problem = _unwritable(existing)
+    if problem:
+        raise SweepError(f"STORAGE {storage!r}: folder {existing} is not writable ({problem})")
 
 
 def check_ray(address: str | None, timeout: float = 3.0) -> None:
     """A TCP connection to RAY_ADDRESS (host:port or http://host:port); "auto" and unset pass."""
     if not address or address == "auto":
         return
-    parsed = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port
+    try:
+        parsed = urlparse(address if "://" in address else f"ray://{address}")
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
     if not host or not port:
         raise SweepError(f"RAY_ADDRESS {address!r}: expected host:port or http://host:port")
     try:
@@ -59,3 +101,151 @@ def check_ray(address: str | None, timeout: float = 3.0) -> None:
             return
     except OSError as err:
         raise SweepError(f"Ray cluster at {address} is unreachable ({err.strerror or err})") from err
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    url = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            body = reply.read(100)
+    except urllib.error.HTTPError as err:
+        raise SweepError(f"{_masked(uri)} answers HTTP {err.code} on /health: not an MLflow "
+                         f"tracking server (or not at this path)") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise SweepError(f"MLflow tracking server {_masked(uri)} is unreachable ({reason})") from None
+    if body.strip() != b"OK":
+        raise SweepError(f"{_masked(uri)} answers /health with {body[:40]!r}, not MLflow's OK: not an "
+                         f"MLflow tracking server (or not at this path)")
+
+
+def _check_sqlite(uri: str, timeout: float) -> None:
+    """sqlite:///<absolute path>: its folder exists and can be written; the file, if it exists, is
+    an MLflow SQLite database (read-only look at its header and tables)."""
+    rest = uri.split("://", 1)[1].split("?", 1)[0]  # "" | "/relative" | "//absolute"
+    if rest in ("", "/", "/:memory:"):
+        raise SweepError(f"MLflow tracking store {uri}: an in-memory database keeps nothing; give a "
+                         f"file, e.g. sqlite:////abs/path/mlflow.db")
+    path = Path(rest[1:])
+    if not path.is_absolute():
+        raise SweepError(f"MLflow tracking store {uri}: a relative path depends on the working "
+                         f"directory; use an absolute one: sqlite:///{path.absolute()}")
+    where = f"MLflow tracking store {uri}"
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise SweepError(f"{where}: folder {path.parent} {what}")
+    if path.is_dir():
+        raise SweepError(f"{where}: {path} is a folder, not a database file")
+    problem = _unwritable(path.parent)
+    if problem:
+        raise SweepError(f"{where}: folder {path.parent} is not writable ({problem})")
+    if path.exists():
+        _check_sqlite_file(path, where, timeout)
+
+
+def _check_sqlite_file(path: Path, where: str, timeout: float) -> None:
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+        with path.open("r+b"):  # can be written (opened, not changed)
+            pass
+    except OSError as err:
+        raise SweepError(f"{where}: {path} cannot be opened for writing ({err.strerror or err})") from None
+    if not header:
+        return  # an empty file: SQLite makes it a database
+    if header != _SQLITE_HEADER:
+        raise SweepError(f"{where}: {path} is not an SQLite database (its first bytes are "
+                         f"{header[:8]!r})")
+    try:
+        tables = _sqlite_tables(path, timeout)
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            return  # another process is writing it: a live database
+        raise SweepError(f"{where}: {path} cannot be read ({err})") from None
+    except sqlite3.DatabaseError as err:
+        raise SweepError(f"{where}: {path} is a corrupt SQLite database ({err})") from None
+    if tables and "alembic_version" not in tables:
+        raise SweepError(f"{where}: {path} is an SQLite database of something else (tables "
+                         f"{', '.join(sorted(tables)[:5])}), not MLflow's")
+
+
+def _sqlite_tables(path: Path, timeout: float) -> set[str]:
+    connection = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=timeout)
+    try:
+        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE "
+                                                     "type = 'table'")}
+    finally:
+        connection.close()
+
+
+def _check_database(uri: str, dialect: str, timeout: float) -> None:
+    """A PostgreSQL server accepts the connection (psycopg2, read nothing); other servers a TCP
+    connection."""
+    where = f"MLflow tracking database {_masked(uri)}"
+    if dialect == "postgresql":
+        import psycopg2  # psycopg2-binary: a dependency, as MLflow needs it for PostgreSQL
+
+        try:
+            psycopg2.connect(f"postgresql://{uri.split('://', 1)[1]}",
+                             connect_timeout=max(2, int(timeout))).close()
+        except psycopg2.Error as err:
+            raise SweepError(f"{where} is unreachable ({_first_line(err)})") from None
+        return
+    try:
+        parsed = urlparse(uri)
+        address = (parsed.hostname or "localhost", parsed.port or _DATABASES[dialect])
+    except ValueError as err:
+        raise SweepError(f"{where}: not a valid address ({err})") from None
+    try:
+        with socket.create_connection(address, timeout=timeout):
+            return
+    except OSError as err:
+        raise SweepError(f"{where} is unreachable ({err.strerror or err})") from None
+
+
+def _check_remote_storage(storage: str) -> None:
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(storage)
+    except (pyarrow.ArrowException, OSError, ValueError) as err:
+        raise SweepError(f"STORAGE {storage!r}: pyarrow (Ray's storage layer) cannot open it "
+                         f"({_first_line(err)})") from None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why a file cannot be created in `folder` (tried: a temporary file, removed at once), or None.
+    Permissions alone do not tell, e.g. for root or on a read-only mount."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".preflight-")
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(handle)
+    os.unlink(name)
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _masked(uri: str) -> str:
+    """The URI with its password, if any, replaced by ***."""
+    try:
+        password = urlparse(uri).password
+    except ValueError:
+        return uri
+    return uri.replace(f":{password}@", ":***@", 1) if password else uri
+
+
+def _sqlite_suggestion(path: str) -> str:
+    folder = Path(path.removeprefix("file://") or ".").absolute()
+    target = folder if folder.suffix == ".db" else folder / "mlflow.db"
+    return f"sqlite:///{target}"
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes that installed MLflow plugins register for tracking stores."""
+    return {entry.name for entry in importlib.metadata.entry_points(group="mlflow.tracking_store")}

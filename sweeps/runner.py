@@ -79,7 +79,12 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
         lock.release()
 
 
+recording = False  # whether this driver has begun writing to the tracking store
+
+
 def _run_locked(spec: SweepSpec, settings: Settings, dataset) -> tune.ResultGrid:
+    global recording
+    recording = True
     client = MlflowClient(settings.tracking_uri)
     exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
     for line in close_other_sweeps(client, exp_id, spec, settings.storage):

@@ -13,42 +13,69 @@ Space entries (`when` makes an entry exist only for some values of an earlier ke
     model.arch:       {choice: [mlp, cnn]}             # tpe/qmc: categorical
     activation.p:     {grid: [0.0, 0.5, 1.0]}          # grid only
     model.code_bits:  {choice: [16, 64], when: {model.arch: [bottleneck]}}
+
+The file itself is held to what a spec is: at most 1 MB of UTF-8 text; plain YAML values (text,
+numbers, true/false, null, lists, mappings: no tags such as !!python/..., dates stay text); no key
+twice in a mapping; at most 100000 values once aliases are expanded, no alias that contains itself,
+at most 32 levels deep; every number finite. A sweep has at most `max_trials` trials (default 1000;
+a spec raises it with a top-level `max_trials: N`), counted without listing them.
+
+The sweep id follows the spec's meaning, not its text: `SweepSpec.digest` hashes the validated
+content, so comments, key order, YAML style, the description and `max_trials` leave it unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from study.config import ALL_KEYS, ConfigError, TrialConfig, did_you_mean, is_int
+from study.config import (
+    ALL_KEYS,
+    SELECTOR_KEYS,
+    ConfigError,
+    TrialConfig,
+    check_value,
+    did_you_mean,
+    is_int,
+    one_line,
+)
 from study.names import EPOCH_METRICS, FINAL_METRICS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 ALGORITHMS = ("tpe", "qmc", "grid")
 SCHEDULERS = ("asha", "none")
+MAX_TRIALS = 1000  # the default of `max_trials`
+MAX_NAME = 64  # the sweep id, MLflow experiment and run names and storage folders derive from it
 _TOP_KEYS = ("name", "description", "metric", "mode", "fixed", "space", "variants", "search",
-             "scheduler", "seeds", "resources", "max_failures", "save_model", "smoke")
+             "scheduler", "seeds", "resources", "max_failures", "save_model", "max_trials", "smoke")
 _SMOKE_KEYS = ("fixed", "space", "variants", "search", "scheduler", "seeds", "resources")
+_MERGED = ("fixed", "space", "search", "scheduler", "resources")  # smoke overrides merge into these
 _SECTION_KEYS = {
     "search": ("algorithm", "samples", "max_concurrent", "seed"),
     "scheduler": ("name", "grace_period", "reduction_factor"),
     "resources": ("cpus", "gpus"),
 }
-_MAX_COMBINATIONS = 100_000
+_MAX_BYTES = 1_000_000
+_MAX_VALUES = 100_000  # values in the parsed file, aliases expanded
+_MAX_DEPTH = 32
+_MAX_SETTINGS = 100_000  # distinct settings of the keys that decide which entries are active
 
 
 class SpecError(ValueError):
     """A bad sweep spec; the message is one line naming the file and the field."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,10 @@ class Dimension:
 
     def active(self, flat: Mapping[str, Any]) -> bool:
         return all(flat.get(key) in allowed for key, allowed in self.when)
+
+    @property
+    def discrete(self) -> bool:
+        return self.distribution in ("choice", "grid")
 
 
 @dataclass(frozen=True)
@@ -87,7 +118,7 @@ class Resources:
 class SweepSpec:
     name: str
     path: str  # as given (recorded in the runs' tags)
-    digest: str  # sha256 of the file's text, first 12 hex digits
+    digest: str  # sha256 of the spec's meaning (see `meaning`), first 12 hex digits
     smoke: bool
     file: Path | None = None  # the absolute path, read at load time
     description: str = ""
@@ -102,10 +133,11 @@ class SweepSpec:
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2
     save_model: bool = False
+    max_trials: int = MAX_TRIALS
 
     @property
     def sweep_id(self) -> str:
-        """Stable for the same file and size, so that re-running the same command resumes."""
+        """Stable for the same meaning and size, so that re-running the same command resumes."""
         return f"{self.name}{'-smoke' if self.smoke else ''}-{self.digest[:8]}"
 
     @property
@@ -135,9 +167,29 @@ class SweepSpec:
                     trials.append({**label, **variant, **point, "seed": seed})
         return trials
 
-    @property
+    @cached_property
     def num_trials(self) -> int:
-        return len(self.grid()) if self.search.algorithm == "grid" else self.search.samples
+        """Counted without listing them: a grid has variants x points (under `when`) x seeds."""
+        if self.search.algorithm != "grid":
+            return self.search.samples
+        settings = _explore(self.space, _bases(self.fixed, self.variants), _failer(self.path))
+        return sum(points for *_, points in settings) * len(self.seeds)
+
+    def meaning(self) -> dict[str, Any]:
+        """What the sweep does, as JSON-ready data: the fixed settings as the full trial config
+        (a key set to its default is the same as one left out), numbers by value (1 is 1.0), the
+        order of space entries kept (`when` refers to earlier ones), every other order dropped."""
+        return _canonical({
+            "name": self.name, "smoke": self.smoke, "metric": self.metric, "mode": self.mode,
+            "fixed": TrialConfig.from_flat(self.fixed).to_flat(),
+            "space": [[d.key, d.distribution, d.values, sorted([k, sorted(map(_json, v))]
+                                                               for k, v in d.when)]
+                      for d in self.space],
+            "variants": self.variants, "search": dataclasses.asdict(self.search),
+            "scheduler": dataclasses.asdict(self.scheduler), "seeds": self.seeds,
+            "resources": dataclasses.asdict(self.resources), "max_failures": self.max_failures,
+            "save_model": self.save_model,
+        })
 
 
 def encode_choice(value: Any) -> Any:
@@ -155,175 +207,426 @@ def load_spec(path: str | Path, smoke: bool = False) -> SweepSpec:
     """Read and validate a spec; with `smoke`, its `smoke` overrides applied."""
     path = Path(path)
     where = str(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SpecError(f"{where}: cannot read the spec ({err.strerror})") from err
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{where}: not valid YAML{at}: {problem}") from err
-    spec = parse_spec(raw, where, hashlib.sha256(text.encode()).hexdigest()[:12], smoke)
+    spec = parse_spec(_load_yaml(_read_text(path, where), where), where, smoke=smoke)
     return dataclasses.replace(spec, file=path.resolve())
 
 
-def parse_spec(raw: Any, where: str, digest: str, smoke: bool) -> SweepSpec:
-    def fail(field_name: str, problem: str):
-        raise SpecError(f"{where}: {field_name}: {problem}")
-
+def parse_spec(raw: Any, where: str, digest: str | None = None, smoke: bool = False) -> SweepSpec:
+    """A validated spec from its parsed YAML; `digest` defaults to the hash of its meaning."""
+    fail = _failer(where)
+    _check_tree(raw, fail)
+    if raw is None:
+        fail("", "empty: a spec is a mapping of keys (name, fixed, space, ...)")
     if not isinstance(raw, dict):
-        raise SpecError(f"{where}: a spec is a mapping of keys (name, fixed, space, ...), "
-                        f"got {type(raw).__name__}")
+        fail("", f"a spec is a mapping of keys (name, fixed, space, ...), got {type(raw).__name__}")
     _known_keys(raw, _TOP_KEYS, "", fail)
     smoke_raw = _mapping(raw.get("smoke", {}), "smoke", fail)
     _known_keys(smoke_raw, _SMOKE_KEYS, "smoke.", fail)
     if smoke:
         raw = _with_overrides(raw, smoke_raw)
-
-    name = raw.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
-        fail("name", f"expected a lower-case name of letters, digits, - and _, got {name!r}")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        fail("description", "expected text")
-    metric, mode = raw.get("metric", "val/accuracy_binary"), raw.get("mode", "max")
-    if metric in FINAL_METRICS:
-        fail("metric", f"{metric} is measured on the test set; a sweep selects on validation metrics")
-    if metric not in EPOCH_METRICS:
-        fail("metric", f"{metric!r} is not a metric the trials report (one of "
-                       f"{', '.join(EPOCH_METRICS)}){did_you_mean(metric, EPOCH_METRICS)}")
-    if mode not in ("max", "min"):
-        fail("mode", f"expected max or min, got {mode!r}")
+    name, description = _parse_name(raw.get("name"), fail), _text(raw, "description", fail)
+    metric, mode = _parse_metric(raw, fail), _parse_mode(raw, fail)
 
     fixed = _mapping(raw.get("fixed", {}), "fixed", fail)
     if "seed" in fixed:
         fail("fixed.seed", "seeds are set with the top-level `seeds` list")
     _check_config(fixed, "fixed", fail)
     search = _section(raw, "search", Search, fail)
-    scheduler = _section(raw, "scheduler", Scheduler, fail)
-    resources = _section(raw, "resources", Resources, fail)
     _check_search(search, fail)
+    scheduler, resources = _parse_scheduler(raw, fixed, fail), _parse_resources(raw, fail)
+    seeds = _parse_seeds(raw.get("seeds", [0]), search, fail)
+    variants = _parse_variants(_mapping(raw.get("variants", {}), "variants", fail), fixed, search, fail)
+    space = _parse_space(_mapping(raw.get("space", {}), "space", fail), fixed, variants, search, fail)
+    if not space and not variants and len(seeds) == 1:
+        fail("space", "empty: a sweep needs at least one entry in space, variants or seeds")
+    settings = _explore(space, _bases(fixed, variants), fail)
+    _check_active(space, settings, fail)
+    _check_applies(space, settings, fail)
+    max_trials = _integer(raw, "max_trials", MAX_TRIALS, 1, fail)
+    _check_size(search, settings, seeds, max_trials, fail)
+    spec = SweepSpec(
+        name=name, path=where, digest="", smoke=smoke, description=description, metric=metric,
+        mode=mode, fixed=fixed, space=space, variants=variants, search=search, scheduler=scheduler,
+        seeds=seeds, resources=resources, max_failures=_integer(raw, "max_failures", 2, 0, fail),
+        save_model=_flag(raw, "save_model", fail), max_trials=max_trials,
+    )
+    return dataclasses.replace(spec, digest=digest or _hash(spec.meaning()))
+
+
+# --- the file -------------------------------------------------------------------------------
+
+
+def _read_text(path: Path, where: str) -> str:
+    """The spec's text: a readable UTF-8 file of at most _MAX_BYTES bytes."""
+    if path.is_dir():
+        raise SpecError(f"{where}: a folder, not a spec file")
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"{where}: cannot read the spec ({err.strerror or err})") from err
+    if len(data) > _MAX_BYTES:
+        raise SpecError(f"{where}: larger than {_MAX_BYTES // 1_000_000} MB; a spec is a short text file")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise SpecError(f"{where}: a NUL byte at offset {nul}: a binary file, not a YAML spec")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                        f"{err.start}): a binary file, not a YAML spec") from None
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that a spec may not hold; the message is the whole problem."""
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "str", "seq",
+                                                       "map")}
+_UNRESOLVED = {"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"}  # dates and `=` stay text
+
+
+class _SpecLoader(_Loader):
+    """Safe YAML with plain values only, refusing a key given twice in a mapping."""
+
+    yaml_constructors = {tag: construct for tag, construct in _Loader.yaml_constructors.items()
+                         if tag in _PLAIN_TAGS}
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers
+                                       if tag not in _UNRESOLVED]
+                               for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node, deep=False):
+        marks: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, mark = self.construct_object(key_node, deep=True), key_node.start_mark
+            if not isinstance(key, Hashable):
+                continue  # the base class refuses it
+            if key in marks:
+                first = marks[key]
+                at = f", columns {first.column + 1} and {mark.column + 1}" if first.line == mark.line else ""
+                raise _Refused(f"duplicated key {key!r} at line {mark.line + 1} (first at line "
+                               f"{first.line + 1}{at})")
+            marks[key] = mark
+        return super().construct_mapping(node, deep)
+
+    def refuse_tag(self, node):
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _Refused(f"line {node.start_mark.line + 1}: the tag {tag} is not allowed; a spec holds "
+                       f"plain values (text, numbers, true/false, null, lists, mappings)")
+
+
+_SpecLoader.yaml_constructors[None] = _SpecLoader.refuse_tag
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_SpecLoader)
+    except _Refused as err:
+        raise SpecError(f"{where}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError(f"{where}: not valid YAML{at}: {problem.splitlines()[0]}") from None
+    except RecursionError:
+        raise SpecError(f"{where}: not valid YAML: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise SpecError(f"{where}: not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def _check_tree(raw: Any, fail) -> None:
+    """Refuse, before anything else walks the data: more than _MAX_VALUES values once aliases are
+    expanded, an alias that contains itself, nesting deeper than _MAX_DEPTH, keys that are not
+    text, numbers that are not finite."""
+    budget = [_MAX_VALUES]
+
+    def walk(value: Any, path: str, ancestors: frozenset[int]) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            fail("", f"more than {_MAX_VALUES} values once its aliases are expanded (an alias "
+                     f"bomb?); a spec holds a few hundred")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(path, f"{value} is not a finite number")
+        if not isinstance(value, dict | list):
+            return
+        if id(value) in ancestors:
+            fail(path, "contains itself (a recursive alias)")
+        if len(ancestors) == _MAX_DEPTH:
+            fail(path, f"nested deeper than {_MAX_DEPTH} levels")
+        inner = ancestors | {id(value)}
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{path}[{index}]", inner)
+            return
+        for key, item in value.items():
+            if not isinstance(key, str):
+                fail(path, f"keys are text, got {_show(key)}")
+            walk(item, f"{path}.{key}" if path else key, inner)
+
+    walk(raw, "", frozenset())
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def _parse_name(name: Any, fail) -> str:
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+        fail("name", f"expected a lower-case name of letters, digits, - and _, got {_show(name)}")
+    if len(name) > MAX_NAME:
+        fail("name", f"{len(name)} characters, at most {MAX_NAME} (it names the MLflow experiment, "
+                     f"the runs and the storage folders)")
+    return name
+
+
+def _parse_metric(raw: dict, fail) -> str:
+    metric = raw.get("metric", "val/accuracy_binary")
+    if metric in FINAL_METRICS:
+        fail("metric", f"{metric} is measured on the test set; a sweep selects on validation metrics")
+    if metric not in EPOCH_METRICS:
+        fail("metric", f"{_show(metric)} is not a metric the trials report (one of "
+                       f"{', '.join(EPOCH_METRICS)}){did_you_mean(str(metric), EPOCH_METRICS)}")
+    return metric
+
+
+def _parse_mode(raw: dict, fail) -> str:
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        fail("mode", f"expected max or min, got {_show(mode)}")
+    return mode
+
+
+def _parse_scheduler(raw: dict, fixed: dict, fail) -> Scheduler:
+    scheduler = _section(raw, "scheduler", Scheduler, fail)
     if scheduler.name not in SCHEDULERS:
-        fail("scheduler.name", f"expected one of {', '.join(SCHEDULERS)}, got {scheduler.name!r}")
-    epochs = TrialConfig.from_flat(fixed).budget.epochs
+        fail("scheduler.name", f"expected one of {', '.join(SCHEDULERS)}, got {_show(scheduler.name)}")
     if scheduler.name == "asha":
+        epochs = TrialConfig.from_flat(fixed).budget.epochs
         if not is_int(scheduler.grace_period) or not 1 <= scheduler.grace_period <= epochs:
             fail("scheduler.grace_period", f"expected an integer in [1, budget.epochs = {epochs}]")
         if not _is_number(scheduler.reduction_factor) or scheduler.reduction_factor <= 1:
             fail("scheduler.reduction_factor", "expected a number > 1")
+    return scheduler
+
+
+def _parse_resources(raw: dict, fail) -> Resources:
+    resources = _section(raw, "resources", Resources, fail)
     if not _is_number(resources.cpus) or resources.cpus <= 0:
-        fail("resources.cpus", f"expected a number > 0, got {resources.cpus!r}")
+        fail("resources.cpus", f"expected a number > 0, got {_show(resources.cpus)}")
     gpus = resources.gpus
     if not _is_number(gpus) or gpus < 0 or (gpus > 1 and gpus != int(gpus)):
-        fail("resources.gpus", f"expected 0, a fraction below 1 or a whole number, got {gpus!r}")
+        fail("resources.gpus", f"expected 0, a fraction below 1 or a whole number, got {_show(gpus)}")
+    return resources
 
-    seeds = raw.get("seeds", [0])
+
+def _check_search(search: Search, fail) -> None:
+    if search.algorithm not in ALGORITHMS:
+        fail("search.algorithm", f"expected one of {', '.join(ALGORITHMS)}, got "
+                                 f"{_show(search.algorithm)}")
+    for name in ("samples", "max_concurrent"):
+        value = getattr(search, name)
+        if not is_int(value) or value < 1:
+            fail(f"search.{name}", f"expected an integer >= 1, got {_show(value)}")
+    if not is_int(search.seed) or search.seed < 0:
+        fail("search.seed", f"expected an integer >= 0, got {_show(search.seed)}")
+    _check_value("seed", search.seed, "search.seed", fail)
+
+
+def _parse_seeds(seeds: Any, search: Search, fail) -> tuple[int, ...]:
     if (not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds)
             or len(set(seeds)) != len(seeds)):
-        fail("seeds", f"expected a non-empty list of distinct integers >= 0, got {seeds!r}")
+        fail("seeds", f"expected a non-empty list of distinct integers >= 0, got {_show(seeds)}")
+    for seed in seeds:
+        _check_value("seed", seed, "seeds", fail)
     if len(seeds) > 1 and search.algorithm != "grid":
         fail("seeds", "several seeds need search.algorithm: grid (a searcher samples one seed)")
+    return tuple(seeds)
 
-    variants = _mapping(raw.get("variants", {}), "variants", fail)
-    if variants and search.algorithm != "grid":
+
+def _parse_variants(raw: dict, fixed: dict, search: Search, fail) -> dict[str, dict[str, Any]]:
+    if raw and search.algorithm != "grid":
         fail("variants", "variants need search.algorithm: grid")
-    for variant, settings in variants.items():
-        settings = _mapping(settings, f"variants.{variant}", fail)
-        _check_config({**fixed, **settings}, f"variants.{variant}", fail)
-
-    space = _parse_space(_mapping(raw.get("space", {}), "space", fail), fixed, search, fail)
-    if not space and not variants and len(seeds) == 1:
-        fail("space", "empty: a sweep needs at least one entry in space, variants or seeds")
-    for variant_name, variant in (variants or {"": {}}).items():
-        base = {**fixed, **variant}
-        for combination in itertools.islice(_product(_choices_only(space), base), _MAX_COMBINATIONS):
-            flat = {**base, **combination}
-            for dim in space:
-                if dim.active(flat) and dim.distribution in ("uniform", "loguniform", "int"):
-                    for bound in dim.values:
-                        _check_config({**flat, dim.key: bound}, f"space.{dim.key}", fail)
-            _check_config(flat, f"variants.{variant_name}" if variant_name else "space", fail)
-
-    max_failures = raw.get("max_failures", 2)
-    if not is_int(max_failures) or max_failures < 0:
-        fail("max_failures", f"expected an integer >= 0, got {max_failures!r}")
-    save_model = raw.get("save_model", False)
-    if not isinstance(save_model, bool):
-        fail("save_model", f"expected true or false, got {save_model!r}")
-    return SweepSpec(
-        name=name, path=where, digest=digest, smoke=smoke, description=description, metric=metric,
-        mode=mode, fixed=fixed, space=space, variants=variants, search=search, scheduler=scheduler,
-        seeds=tuple(seeds), resources=resources, max_failures=max_failures, save_model=save_model,
-    )
+    variants = {}
+    for name, settings in raw.items():
+        if not 1 <= len(name) <= MAX_NAME:
+            fail("variants", f"a variant's name has 1 to {MAX_NAME} characters, got {_show(name)}")
+        variants[name] = _mapping(settings, f"variants.{name}", fail)
+        if "seed" in variants[name]:
+            fail(f"variants.{name}.seed", "seeds are set with the top-level `seeds` list")
+        _check_config({**fixed, **variants[name]}, f"variants.{name}", fail)
+    return variants
 
 
 def _with_overrides(raw: dict, smoke: dict) -> dict:
+    """The spec with its smoke overrides: a section's keys merge into it (null removes one, e.g. a
+    space entry the smaller space never activates); variants and seeds are replaced."""
     merged = dict(raw)
     for key, value in smoke.items():
-        if key in ("fixed", "space", "search", "scheduler", "resources") and isinstance(value, dict):
-            merged[key] = {**(raw.get(key) or {}), **value}
+        base = raw.get(key) or {}
+        if key in _MERGED and isinstance(value, dict) and isinstance(base, dict):
+            dropped = {k for k, v in value.items() if v is None}
+            merged[key] = {k: v for k, v in {**base, **value}.items() if k not in dropped}
         else:
             merged[key] = value
     return merged
 
 
-def _parse_space(raw: dict, fixed: dict, search: Search, fail) -> tuple[Dimension, ...]:
+# --- the space --------------------------------------------------------------------------------
+
+
+def _parse_space(raw: dict, fixed: dict, variants: dict, search: Search, fail
+                 ) -> tuple[Dimension, ...]:
     dims: list[Dimension] = []
-    known = ALL_KEYS
+    bases = _bases(fixed, variants)
     for key, entry in raw.items():
         where = f"space.{key}"
-        if key == "seed":
-            fail(where, "seeds are set with the top-level `seeds` list")
-        if key not in known:
-            fail(where, f"unknown trial key{did_you_mean(key, known)}")
-        if key in fixed:
-            fail(where, "also set in fixed; a key is either fixed or searched")
+        _check_space_key(key, fixed, variants, where, fail)
         entry = _mapping(entry, where, fail)
-        kinds = [k for k in entry if k != "when"]
-        for k in kinds:
-            if k not in DISTRIBUTIONS:
-                fail(f"{where}.{k}", f"unknown distribution (one of {', '.join(DISTRIBUTIONS)})"
-                                     f"{did_you_mean(k, DISTRIBUTIONS)}")
-        if len(kinds) != 1:
-            fail(where, f"expected exactly one of {', '.join(DISTRIBUTIONS)}")
-        kind, values = kinds[0], entry[kinds[0]]
-        if kind == "grid" and search.algorithm != "grid":
-            fail(f"{where}.grid", f"grid values need search.algorithm: grid, not {search.algorithm}")
-        if kind in ("uniform", "loguniform", "int") and search.algorithm == "grid":
-            fail(f"{where}.{kind}", "a grid sweep takes grid values; ranges need tpe or qmc")
-        if kind == "choice" and search.algorithm == "grid":
-            fail(f"{where}.choice", "a grid sweep takes `grid:` lists, not `choice:`")
-        if not isinstance(values, list) or not values:
-            fail(f"{where}.{kind}", "expected a non-empty list")
-        if kind in ("uniform", "loguniform", "int"):
-            numeric = is_int if kind == "int" else _is_number
-            if len(values) != 2 or not all(numeric(v) for v in values) or values[0] >= values[1]:
-                what = "integers" if kind == "int" else "numbers"
-                fail(f"{where}.{kind}", f"expected [low, high] {what} with low < high, got {values}")
-            if kind == "loguniform" and values[0] <= 0:
-                fail(f"{where}.loguniform", f"the low end must be > 0, got {values[0]}")
-        elif len({json.dumps(v) for v in values}) != len(values):
-            fail(f"{where}.{kind}", "the values repeat")
-        when = _mapping(entry.get("when", {}), f"{where}.when", fail)
-        conditions = []
-        for cond_key, allowed in when.items():
-            earlier = {d.key: d for d in dims}
-            if cond_key not in earlier and cond_key not in fixed:
-                fail(f"{where}.when.{cond_key}", "must be fixed or an earlier space entry")
-            if cond_key in earlier and earlier[cond_key].distribution not in ("choice", "grid"):
-                fail(f"{where}.when.{cond_key}", "conditions need a choice or grid entry")
-            if not isinstance(allowed, list) or not allowed:
-                fail(f"{where}.when.{cond_key}", "expected a non-empty list of values")
-            conditions.append((cond_key, tuple(allowed)))
-        dims.append(Dimension(key, kind, tuple(values), tuple(conditions)))
+        kind, values = _distribution(entry, search, where, fail)
+        _check_values(key, kind, values, where, fail)
+        when = _parse_when(_mapping(entry.get("when", {}), f"{where}.when", fail), dims, bases,
+                           where, fail)
+        dims.append(Dimension(key, kind, tuple(values), when))
     return tuple(dims)
 
 
-def _choices_only(space: tuple[Dimension, ...]) -> tuple[Dimension, ...]:
-    return tuple(d for d in space if d.distribution in ("choice", "grid"))
+def _check_space_key(key: str, fixed: dict, variants: dict, where: str, fail) -> None:
+    if key == "seed":
+        fail(where, "seeds are set with the top-level `seeds` list")
+    if key not in ALL_KEYS:
+        fail(where, f"unknown trial key{did_you_mean(key, ALL_KEYS)}")
+    if key in fixed:
+        fail(where, "also set in fixed; a key is either fixed or searched")
+    for name, settings in variants.items():
+        if key in settings:
+            fail(where, f"also set in variants.{name}; a key is either set or searched")
+
+
+def _distribution(entry: dict, search: Search, where: str, fail) -> tuple[str, Any]:
+    kinds = [k for k in entry if k != "when"]
+    for k in kinds:
+        if k not in DISTRIBUTIONS:
+            fail(f"{where}.{k}", f"unknown distribution (one of {', '.join(DISTRIBUTIONS)})"
+                                 f"{did_you_mean(k, DISTRIBUTIONS)}")
+    if len(kinds) != 1:
+        fail(where, f"expected exactly one of {', '.join(DISTRIBUTIONS)}")
+    kind, values = kinds[0], entry[kinds[0]]
+    if kind == "grid" and search.algorithm != "grid":
+        fail(f"{where}.grid", f"grid values need search.algorithm: grid, not {search.algorithm}")
+    if kind in ("uniform", "loguniform", "int") and search.algorithm == "grid":
+        fail(f"{where}.{kind}", "a grid sweep takes grid values; ranges need tpe or qmc")
+    if kind == "choice" and search.algorithm == "grid":
+        fail(f"{where}.choice", "a grid sweep takes `grid:` lists, not `choice:`")
+    if not isinstance(values, list) or not values:
+        fail(f"{where}.{kind}", "expected a non-empty list")
+    return kind, values
+
+
+def _check_values(key: str, kind: str, values: list, where: str, fail) -> None:
+    """The entry's own values, each on its own: a range's shape, every value's type and range,
+    no value twice (1 and 1.0 are the same number)."""
+    if kind in ("uniform", "loguniform", "int"):
+        numeric = is_int if kind == "int" else _is_number
+        if len(values) != 2 or not all(numeric(v) for v in values) or values[0] >= values[1]:
+            what = "integers" if kind == "int" else "numbers"
+            fail(f"{where}.{kind}", f"expected [low, high] {what} with low < high, got {_show(values)}")
+        if kind == "loguniform" and values[0] <= 0:
+            fail(f"{where}.loguniform", f"the low end must be > 0, got {values[0]}")
+    checked = [_check_value(key, value, where, fail) for value in values]
+    if len({_json(value) for value in checked}) != len(values):
+        fail(f"{where}.{kind}", "the values repeat")
+
+
+def _parse_when(when: dict, dims: list[Dimension], bases: list, where: str, fail
+                ) -> tuple[tuple[str, tuple], ...]:
+    """The entry's conditions: each on a fixed key, a variant's or an earlier choice/grid entry,
+    with values that key can take."""
+    earlier = {d.key: d for d in dims}
+    conditions = []
+    for key, allowed in when.items():
+        at = f"{where}.when.{key}"
+        if key in earlier:
+            if not earlier[key].discrete:
+                fail(at, "conditions need a choice or grid entry")
+            possible = list(earlier[key].values)
+        else:
+            possible = [base[key] for _, base in bases if key in base]
+            if not possible:
+                fail(at, "must be fixed or an earlier space entry (or set by the variants)")
+        if not isinstance(allowed, list) or not allowed:
+            fail(at, "expected a non-empty list of values")
+        for value in allowed:
+            if value not in possible:
+                fail(at, f"{_show(value)} is never a value of {key} (it takes "
+                         f"{', '.join(_show(v) for v in possible)})")
+        conditions.append((key, tuple(allowed)))
+    return tuple(conditions)
+
+
+def _explore(space: tuple[Dimension, ...], bases: list, fail) -> list[tuple]:
+    """The distinct settings of the keys that decide which entries are active and apply (keys named
+    in a `when`, and model.arch, optim.name, activation.kind), per variant, each with its number of
+    grid points: (variant, base, setting, points). The other keys are counted, never listed."""
+    deciding = SELECTOR_KEYS | {key for dim in space for key, _ in dim.when}
+    found = []
+    for label, base in bases:
+        states: list[tuple[dict, int]] = [({}, 1)]
+        for dim in space:
+            states = [after for state in states for after in _step(dim, base, state, deciding)]
+            if len(states) > _MAX_SETTINGS:
+                fail("space", f"more than {_MAX_SETTINGS} combinations of the keys that `when` "
+                              f"conditions and {', '.join(sorted(SELECTOR_KEYS))} depend on")
+        found.extend((label, base, setting, points) for setting, points in states)
+    return found
+
+
+def _step(dim: Dimension, base: dict, state: tuple[dict, int], deciding) -> list[tuple[dict, int]]:
+    setting, points = state
+    if not dim.active({**base, **setting}):
+        return [state]
+    if dim.key in deciding and dim.discrete:
+        return [({**setting, dim.key: value}, points) for value in dim.values]
+    return [(setting, points * len(dim.values) if dim.discrete else points)]
+
+
+def _check_active(space: tuple[Dimension, ...], settings: list[tuple], fail) -> None:
+    for dim in space:
+        if not any(dim.active({**base, **setting}) for _, base, setting, _ in settings):
+            fail(f"space.{dim.key}.when", "holds in no combination of the fixed settings, variants "
+                                          "and earlier entries: the entry would never be searched")
+
+
+def _check_applies(space: tuple[Dimension, ...], settings: list[tuple], fail) -> None:
+    """Every active entry applies wherever it is active (model.code_bits only for bottleneck, ...):
+    its key with the deciding keys' values, once per distinct combination."""
+    checked = set()
+    for label, base, setting, _ in settings:
+        selectors = {k: v for k, v in setting.items() if k in SELECTOR_KEYS}
+        for dim in space:
+            if dim.active({**base, **setting}):
+                probe = {**selectors, dim.key: setting.get(dim.key, dim.values[0])}
+                if (label, _json(probe)) not in checked:
+                    checked.add((label, _json(probe)))
+                    _check_config({**base, **probe}, f"space.{dim.key}", fail)
+
+
+def _check_size(search: Search, settings: list[tuple], seeds: tuple, limit: int, fail) -> None:
+    if search.algorithm == "grid":
+        trials = sum(points for *_, points in settings) * len(seeds)
+        if trials > limit:
+            fail("max_trials", f"the grid has {trials} trials (variants x grid points x seeds), "
+                               f"above the limit of {limit}: shrink it, or raise the limit with a "
+                               f"top-level `max_trials: {trials}`")
+    elif search.samples > limit:
+        fail("search.samples", f"{search.samples} trials, above the limit of {limit}: lower it, or "
+                               f"raise the limit with a top-level `max_trials: {search.samples}`")
+
+
+def _bases(fixed: dict, variants: dict) -> list[tuple[str | None, dict]]:
+    """(variant name, fixed settings with the variant's) for each variant; one (None, fixed)."""
+    return [(name, {**fixed, **settings}) for name, settings in (variants or {None: {}}).items()]
 
 
 def _product(space: tuple[Dimension, ...], base: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -334,13 +637,23 @@ def _product(space: tuple[Dimension, ...], base: Mapping[str, Any]) -> Iterator[
             yield point
             return
         dim = space[index]
-        if dim.distribution not in ("choice", "grid") or not dim.active({**base, **point}):
+        if not dim.discrete or not dim.active({**base, **point}):
             yield from expand(index + 1, point)
             return
         for value in dim.values:
             yield from expand(index + 1, {**point, dim.key: value})
 
     yield from expand(0, {})
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _failer(where: str):
+    def fail(field_name: str, problem: str):
+        raise SpecError(f"{where}: {field_name}: {problem}" if field_name else f"{where}: {problem}")
+
+    return fail
 
 
 def _check_config(flat: Mapping[str, Any], where: str, fail) -> None:
@@ -350,22 +663,38 @@ def _check_config(flat: Mapping[str, Any], where: str, fail) -> None:
         fail(where, str(err))
 
 
-def _check_search(search: Search, fail) -> None:
-    if search.algorithm not in ALGORITHMS:
-        fail("search.algorithm", f"expected one of {', '.join(ALGORITHMS)}, got "
-                                 f"{search.algorithm!r}")
-    for name in ("samples", "max_concurrent"):
-        value = getattr(search, name)
-        if not is_int(value) or value < 1:
-            fail(f"search.{name}", f"expected an integer >= 1, got {value!r}")
-    if not is_int(search.seed) or search.seed < 0:
-        fail("search.seed", f"expected an integer >= 0, got {search.seed!r}")
+def _check_value(key: str, value: Any, where: str, fail) -> Any:
+    try:
+        return check_value(key, value)
+    except ConfigError as err:
+        fail(where, str(err))
 
 
 def _section(raw: dict, name: str, cls, fail):
     section = _mapping(raw.get(name, {}), name, fail)
     _known_keys(section, _SECTION_KEYS[name], f"{name}.", fail)
     return cls(**section)
+
+
+def _integer(raw: dict, key: str, default: int, low: int, fail) -> int:
+    value = raw.get(key, default)
+    if not is_int(value) or value < low:
+        fail(key, f"expected an integer >= {low}, got {_show(value)}")
+    return value
+
+
+def _flag(raw: dict, key: str, fail) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        fail(key, f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _text(raw: dict, key: str, fail) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        fail(key, "expected text")
+    return value
 
 
 def _mapping(value: Any, where: str, fail) -> dict:
@@ -384,3 +713,28 @@ def _known_keys(raw: Mapping, allowed, prefix: str, fail) -> None:
 
 def _is_number(value: Any) -> bool:
     return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready data with numbers by value (1.0 -> 1) and tuples as lists."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(item) for item in value]
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"))
+
+
+def _hash(meaning: dict[str, Any]) -> str:
+    return hashlib.sha256(_json(meaning).encode()).hexdigest()[:12]
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value as the user wrote it, shortened for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
