@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +20,10 @@ from typing import Any, Literal
 
 
 class ConfigError(ValueError):
-    """A bad key or value in a trial config; the message names the dotted key."""
+    """A bad key or value in a trial config; the message (one line) names the dotted key."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,17 @@ _CONDITIONAL: dict[str, tuple[str, frozenset]] = {
     },
 }
 
+SELECTOR_KEYS = frozenset(selector for selector, _ in _CONDITIONAL.values())  # decide which keys apply
+
 _positive = (lambda v: v > 0, "must be > 0")
 _at_least_1 = (lambda v: v >= 1, "must be >= 1")
 _non_negative = (lambda v: v >= 0, "must be >= 0")
 _all_at_least_1 = (lambda v: len(v) > 0 and min(v) >= 1, "must be a non-empty list of integers >= 1")
+_seed = (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")  # numpy's legacy seeding takes 32 bits
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.val_fraction": (lambda v: 0 < v <= 0.5, "must be in (0, 0.5]"),
     "data.train_size": _non_negative,
-    "data.split_seed": _non_negative,
+    "data.split_seed": _seed,
     "model.widths": _all_at_least_1,
     "model.filters": _all_at_least_1,
     "model.dense_width": _at_least_1,
@@ -107,7 +115,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "budget.epochs": _at_least_1,
     "budget.batch_size": _at_least_1,
     "runtime.threads": _non_negative,
-    "seed": _non_negative,
+    "seed": _seed,
 }
 
 
@@ -126,9 +134,7 @@ class TrialConfig:
     def __post_init__(self):
         for key, value in _all_items(self).items():
             _check_type(key, value, _ANNOTATIONS[key])
-            check, message = _RANGES.get(key, (lambda v: True, ""))
-            if not check(value):
-                raise ConfigError(f"{key} = {_show(value)}: {message}")
+            _check_range(key, value)
 
     def to_flat(self) -> dict[str, Any]:
         """The dotted keys that apply to this config, in declaration order."""
@@ -159,6 +165,15 @@ class TrialConfig:
     def replace(self, **flat: Any) -> TrialConfig:
         """A copy with dotted keys changed, e.g. `cfg.replace(**{"activation.p": 1.0})`."""
         return TrialConfig.from_flat(flat, base=self)
+
+
+def check_value(key: str, value: Any) -> Any:
+    """One dotted key's value on its own (known key, type, range; not whether it applies), coerced."""
+    if key not in _ANNOTATIONS:
+        raise ConfigError(f"{key}: unknown key{did_you_mean(key, _ANNOTATIONS)}")
+    value = _coerce(key, value, _ANNOTATIONS[key])
+    _check_range(key, value)
+    return value
 
 
 def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
@@ -217,8 +232,16 @@ def _applies(key: str, items: Mapping[str, Any]) -> bool:
     return items[selector] in allowed
 
 
+def _check_range(key: str, value: Any) -> None:
+    check, message = _RANGES.get(key, (lambda v: True, ""))
+    if not check(value):
+        raise ConfigError(f"{key} = {_show(value)}: {message}")
+
+
 def _show(value: Any) -> str:
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return json.dumps(list(value) if isinstance(value, tuple) else value, default=repr)
 
 
 def _type_name(annotation: Any) -> str:
@@ -231,8 +254,12 @@ def _type_name(annotation: Any) -> str:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """value converted to the annotated type where that loses nothing (int -> float, list -> tuple)."""
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+    if annotation is float and is_int(value):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {abs(value).bit_length()}-bit integer: expected a finite number"
+                              ) from None
     if typing.get_origin(annotation) is tuple and isinstance(value, list):
         value = tuple(value)
     _check_type(key, value, annotation)
@@ -249,6 +276,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
         ok = is_int(value)
     elif annotation is float:
         ok = isinstance(value, float)
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{key} = {_show(value)}: expected a finite number")
     elif annotation is bool:
         ok = isinstance(value, bool)
     else:  # pragma: no cover - a field type this module does not handle
@@ -260,6 +289,14 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
 def is_int(value: Any) -> bool:
     """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (\\n), so that an error message stays one line."""
+    return _LINE_BREAKS.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:

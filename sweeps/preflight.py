@@ -122,15 +122,15 @@ def _check_server(uri: str, timeout: float) -> None:
 def _check_sqlite(uri: str, timeout: float) -> None:
     """sqlite:///<absolute path>: its folder exists and can be written; the file, if it exists, is
     an MLflow SQLite database (read-only look at its header and tables)."""
+    where = f"MLflow tracking store {uri}"
     rest = uri.split("://", 1)[1].split("?", 1)[0]  # "" | "/relative" | "//absolute"
     if rest in ("", "/", "/:memory:"):
-        raise SweepError(f"MLflow tracking store {uri}: an in-memory database keeps nothing; give a "
-                         f"file, e.g. sqlite:////abs/path/mlflow.db")
+        raise SweepError(f"{where}: an in-memory database keeps nothing; give a file, e.g. "
+                         f"sqlite:////abs/path/mlflow.db")
     path = Path(rest[1:])
     if not path.is_absolute():
-        raise SweepError(f"MLflow tracking store {uri}: a relative path depends on the working "
-                         f"directory; use an absolute one: sqlite:///{path.absolute()}")
-    where = f"MLflow tracking store {uri}"
+        raise SweepError(f"{where}: a relative path depends on the working directory; use an "
+                         f"absolute one: sqlite:///{path.absolute()}")
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise SweepError(f"{where}: folder {path.parent} {what}")

@@ -14,6 +14,11 @@ Space entries (`when` makes an entry exist only for some values of an earlier ke
     activation.p:     {grid: [0.0, 0.5, 1.0]}          # grid only
     model.code_bits:  {choice: [16, 64], when: {model.arch: [bottleneck]}}
 
+A `when` names a fixed key, one the variants set, or an earlier choice/grid entry, with values that
+key takes; an entry whose conditions hold in no combination is an error. The smoke section's
+fixed/space/search/scheduler/resources merge into the spec's (a key set to null is removed, e.g. an
+entry the smaller space never activates); its variants and seeds replace the spec's.
+
 The file itself is held to what a spec is: at most 1 MB of UTF-8 text; plain YAML values (text,
 numbers, true/false, null, lists, mappings: no tags such as !!python/..., dates stay text); no key
 twice in a mapping; at most 100000 values once aliases are expanded, no alias that contains itself,
@@ -68,7 +73,7 @@ _SECTION_KEYS = {
 _MAX_BYTES = 1_000_000
 _MAX_VALUES = 100_000  # values in the parsed file, aliases expanded
 _MAX_DEPTH = 32
-_MAX_SETTINGS = 100_000  # distinct settings of the keys that decide which entries are active
+_MAX_SETTINGS = 10_000  # distinct settings of the keys that decide which entries are active
 
 
 class SpecError(ValueError):
@@ -86,7 +91,12 @@ class Dimension:
     when: tuple[tuple[str, tuple], ...] = ()  # (key, allowed values) pairs, all of which must hold
 
     def active(self, flat: Mapping[str, Any]) -> bool:
-        return all(flat.get(key) in allowed for key, allowed in self.when)
+        return all(_json(flat.get(key)) in allowed for key, allowed in self._allowed)
+
+    @cached_property
+    def _allowed(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        """The conditions with their values as canonical JSON (a set, whatever the values' types)."""
+        return tuple((key, frozenset(map(_json, allowed))) for key, allowed in self.when)
 
     @property
     def discrete(self) -> bool:
@@ -274,7 +284,7 @@ def _read_text(path: Path, where: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SpecError(f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
-                        f"{err.start}): a binary file, not a YAML spec") from None
+                        f"{err.start}); a spec is a YAML text file in UTF-8") from None
 
 
 class _Refused(yaml.YAMLError):
@@ -557,10 +567,11 @@ def _parse_when(when: dict, dims: list[Dimension], bases: list, where: str, fail
                 fail(at, "must be fixed or an earlier space entry (or set by the variants)")
         if not isinstance(allowed, list) or not allowed:
             fail(at, "expected a non-empty list of values")
+        takes = {_json(value) for value in possible}
         for value in allowed:
-            if value not in possible:
-                fail(at, f"{_show(value)} is never a value of {key} (it takes "
-                         f"{', '.join(_show(v) for v in possible)})")
+            if _json(value) not in takes:
+                shown = ", ".join(_show(v) for v in possible[:10]) + (", ..." if len(possible) > 10 else "")
+                fail(at, f"{_show(value)} is never a value of {key} (it takes {shown})")
         conditions.append((key, tuple(allowed)))
     return tuple(conditions)
 
@@ -734,7 +745,7 @@ def _hash(meaning: dict[str, Any]) -> str:
     return hashlib.sha256(_json(meaning).encode()).hexdigest()[:12]
 
 
-def _show(value: Any, limit: int = 80) -> str:
-    """A value as the user wrote it, shortened for a one-line message."""
+def _show(value: Any) -> str:
+    """A value as the user wrote it, at most 80 characters of it."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+    return text if len(text) <= 80 else f"{text[:77]}..."

@@ -1,26 +1,111 @@
 """Bad input to `python -m sweeps run`: exit status 2, one line naming the problem, no Ray started,
-the tracking store exactly as it was (a table of cases)."""
+the tracking store exactly as it was, nothing written (a table of cases, one or more per kind:
+spec files of any content, duplicated keys, non-finite numbers, impossible conditions, sizes,
+names, tracking URIs, storage, dataset files). The preflight checks also run in-process on more
+forms of the same kinds."""
 
+import functools
+import gzip
 import hashlib
+import http.server
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from study import data
+from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
+
 from .conftest import ROOT
 from .sweep_helpers import edit_spec
 
 QUICK = (ROOT / "sweeps" / "specs" / "quick.yaml").read_text()
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
 
 
 def spec_with(**changes) -> str:
     return edit_spec(QUICK, **changes)
 
 
-# name -> (spec text or None for the shipped quick spec, extra environment, expected fragment)
+def replaced(old: str, new: str) -> str:
+    assert old in QUICK
+    return QUICK.replace(old, new)
+
+
+def million_point_grid() -> str:
+    lists = {"activation.p": [i / 10 for i in range(10)], "activation.slope": list(range(1, 11)),
+             "activation.cutoff": [1 + i / 10 for i in range(10)],
+             "activation.noise_std": [i / 10 for i in range(10)],
+             "optim.lr": [(i + 1) / 1000 for i in range(10)], "activation.p_ramp_steps": list(range(10))}
+    return edit_spec(QUICK, space={k: {"grid": v} for k, v in lists.items()},
+                     search={"algorithm": "grid"}, scheduler={"name": "none"})
+
+
+def fashion_mnist_copy(tmp_path: Path, damage) -> dict[str, str]:
+    """A copy of the real files in a temporary folder, one of them damaged; the Debian folder
+    replaced by the same copy, so that no intact copy can stand in for it."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in data.FASHION_MNIST_FILES.values():
+        shutil.copy(data.DEBIAN_DIR / name, folder / name)
+    target = folder / TRAIN_LABELS
+    target.write_bytes(damage(target.read_bytes()))
+    return {"STUDY_DATA_DIR": str(folder), "STUDY_SYSTEM_DATA_DIR": str(folder), "STUDY_OFFLINE": "1"}
+
+
+def no_dataset(tmp_path: Path) -> dict[str, str]:
+    return {"STUDY_DATA_DIR": str(tmp_path / "none"), "STUDY_SYSTEM_DATA_DIR": str(tmp_path / "none"),
+            "KERAS_HOME": str(tmp_path / "keras"), "STUDY_OFFLINE": "1"}
+
+
+def tracking_file(content: bytes):
+    def env(tmp_path: Path) -> dict[str, str]:
+        (tmp_path / "store.db").write_bytes(content)
+        return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store.db"}
+
+    return env
+
+
+def tracking_folder_as_db(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "store.db").mkdir()
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store.db"}
+
+
+def storage_file(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "storage").write_text("not a folder")
+    return {"STORAGE": str(tmp_path / "storage")}
+
+
+def not_mlflow_server(tmp_path: Path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{plain_http_port()}"}
+
+
+@functools.cache
+def plain_http_port() -> int:
+    """A web server that answers 404 to everything (started once, in a thread)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the name http.server calls
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+SPEC_DIR = "a folder"  # the spec path is a folder
+
+# name -> (spec text, bytes, SPEC_DIR or None for the shipped quick spec; extra environment, or a
+# function of the test's folder returning it; expected fragment)
 CASES = {
     "malformed yaml": ("name: q\nfixed: {budget.epochs: 2\n", {}, "not valid YAML"),
     "not a mapping": ("just text\n", {}, "a spec is a mapping"),
@@ -47,15 +132,76 @@ CASES = {
                      "scheduler.grace_period"),
     "bad mode": (spec_with(mode="best"), {}, "mode: expected max or min"),
     "unknown smoke key": (spec_with(smoke={"epochs": 1}), {}, "smoke.epochs: unknown key"),
-    "missing dataset files": (None, "NO_DATA", "Fashion-MNIST not found in"),
+    # spec files of any content
+    "binary spec": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", {}, "a NUL byte at offset 8"),
+    "not utf-8": (QUICK.replace("TPE over", "TPE \xfcber").encode("latin-1"), {}, "not UTF-8 text"),
+    "nul byte in text": (QUICK.encode() + b"\0", {}, "a NUL byte at offset"),
+    "spec is a folder": (SPEC_DIR, {}, "a folder, not a spec file"),
+    "empty spec": ("", {}, "empty: a spec is a mapping"),
+    "python tag": (replaced("name: quick", "name: !!python/object/apply:os.system [true]"), {},
+                   "the tag !!python/object/apply:os.system is not allowed"),
+    "alias bomb": ("name: q\na: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)),
+        {}, "more than 100000 values once its aliases are expanded"),
+    "duplicated nested key": (replaced("  budget.epochs: 6\n", "  budget.epochs: 6\n  budget.epochs: 60\n"),
+                              {}, "duplicated key 'budget.epochs' at line 13 (first at line 12)"),
+    # non-finite numbers anywhere
+    "inf in fixed": (replaced("  budget.epochs: 6\n", "  budget.epochs: 6\n  activation.noise_std: .inf\n"),
+                     {}, "fixed.activation.noise_std: inf is not a finite number"),
+    "nan in a range": (replaced("uniform: [1.0, 1.5]", "uniform: [1.0, .nan]"), {},
+                       "space.activation.cutoff.uniform[1]: nan is not a finite number"),
+    "-inf in a choice": (replaced("choice: [32, 64, 128]", "choice: [32, -.inf]"), {},
+                         "space.model.code_bits.choice[1]: -inf is not a finite number"),
+    # conditions that can never hold
+    "impossible when value": (replaced("when: {model.arch: [bottleneck]}", "when: {model.arch: [cnn]}"),
+                              {}, "space.model.code_bits.when.model.arch: 'cnn' is never a value"),
+    "entry never active": (replaced("  model.code_bits: {choice: [32, 64, 128], when: {model.arch: ",
+                                    "  optim.name: {choice: [adam, sgd], when: {model.arch: [mlp]}}\n"
+                                    "  model.code_bits: {choice: [32], when: {optim.name: [sgd], "
+                                    "model.arch: "),
+                           {}, "space.model.code_bits.when: holds in no combination"),
+    # sizes and names
+    "million-point grid": (million_point_grid(), {}, "the grid has 1000000 trials"),
+    "name of 65 characters": (spec_with(name="q" * 65), {}, "name: 65 characters, at most 64"),
+    # tracking URIs of every form
+    "bare path tracking uri": (None, {"MLFLOW_TRACKING_URI": "/srv/mlruns"},
+                               "is a folder path (MLflow's retired file store): use a database file "
+                               "such as sqlite:////srv/mlruns/mlflow.db"),
+    "relative sqlite path": (None, {"MLFLOW_TRACKING_URI": "sqlite:///runs/mlflow.db"},
+                             "a relative path depends on the working directory"),
+    "unwritable sqlite folder": (None, {"MLFLOW_TRACKING_URI": "sqlite:////sys/mlflow.db"},
+                                 "folder /sys is not writable"),
+    "sqlite path is a folder": (None, tracking_folder_as_db, "store.db is a folder, not a database file"),
+    "not an sqlite file": (None, tracking_file(b"name: not a database\n"), "is not an SQLite database"),
+    "corrupt sqlite file": (None, tracking_file(b"SQLite format 3\0" + b"\x07" * 5000),
+                            "is a corrupt SQLite database"),
+    "unknown scheme": (None, {"MLFLOW_TRACKING_URI": "mlflow+grpc://head:5000"}, "unknown scheme"),
+    "unreachable postgresql": (None, {"MLFLOW_TRACKING_URI": "postgresql://u:secret@127.0.0.1:9/m"},
+                               "MLflow tracking database postgresql://u:***@127.0.0.1:9/m is unreachable"),
+    "server that is not mlflow": (None, not_mlflow_server, "answers HTTP 404 on /health"),
     "unreachable tracking uri": (None, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
                                  "MLflow tracking server http://127.0.0.1:9 is unreachable"),
     "missing tracking folder": (None, {"MLFLOW_TRACKING_URI": "sqlite:////nonexistent/m.db"},
                                 "folder /nonexistent does not exist"),
+    # trial storage
+    "storage is a file": (None, storage_file, "is a file, not a folder"),
+    "unwritable storage": (None, {"STORAGE": "/sys/ray"}, "folder /sys is not writable"),
+    "storage scheme": (None, {"STORAGE": "ftp://head/ray"}, "pyarrow (Ray's storage layer) cannot open"),
     "unreachable ray address": (None, {"RAY_ADDRESS": "127.0.0.1:9"},
                                 "Ray cluster at 127.0.0.1:9 is unreachable"),
     "malformed ray address": (None, {"RAY_ADDRESS": "head-node"},
                               "RAY_ADDRESS 'head-node': expected host:port"),
+    # dataset files of any corruption
+    "missing dataset files": (None, no_dataset, "Fashion-MNIST not found in"),
+    "truncated dataset file": (None, lambda t: fashion_mnist_copy(t, lambda b: b[: len(b) // 2]),
+                               f"{TRAIN_LABELS}: truncated"),
+    "dataset file not gzip": (None, lambda t: fashion_mnist_copy(t, gzip.decompress),
+                              f"{TRAIN_LABELS}: not a gzip file"),
+    "corrupt dataset file": (None, lambda t: fashion_mnist_copy(t, lambda b: b[:4000] + bytes(
+        x ^ 0x5A for x in b[4000:4100]) + b[4100:]), f"{TRAIN_LABELS}: corrupt gzip data"),
+    "a label changed": (None, lambda t: fashion_mnist_copy(t, lambda b: gzip.compress(
+        gzip.decompress(b)[:-1] + bytes([gzip.decompress(b)[-1] ^ 1]))), "not the published file"),
+    "empty dataset file": (None, lambda t: fashion_mnist_copy(t, lambda b: b""), f"{TRAIN_LABELS}: empty"),
 }
 
 
@@ -69,8 +215,16 @@ def store(tmp_path_factory):
     return folder, uri
 
 
-def ray_sessions() -> set[str]:
-    return set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()
+def ray_sessions_of(pid: int) -> list[str]:
+    """The Ray sessions a driver started (their names end with its process id; other tests may
+    start sessions of their own meanwhile)."""
+    names = os.listdir("/tmp/ray") if os.path.isdir("/tmp/ray") else []
+    return [name for name in names if name.startswith("session_") and name.endswith(f"_{pid}")]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+            else "folder" for p in folder.rglob("*") if "home" not in p.relative_to(folder).parts}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -78,23 +232,102 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, store, tmp_pa
     text, extra, expected = CASES[case]
     folder, uri = store
     spec = ROOT / "sweeps" / "specs" / "quick.yaml"
-    if text is not None:
+    if text == SPEC_DIR:
         spec = tmp_path / "spec.yaml"
-        spec.write_text(text)
+        spec.mkdir()
+    elif text is not None:
+        spec = tmp_path / "spec.yaml"
+        spec.write_bytes(text if isinstance(text, bytes) else text.encode())
+    (tmp_path / "home").mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "STORAGE": str(tmp_path / "ray"),
-           "HOME": str(tmp_path)}
+           "HOME": str(tmp_path / "home")}
     env.pop("RAY_ADDRESS", None)
-    if extra == "NO_DATA":
-        env |= {"STUDY_DATA_DIR": str(tmp_path / "none"), "STUDY_SYSTEM_DATA_DIR":
-                str(tmp_path / "none"), "KERAS_HOME": str(tmp_path / "keras"), "STUDY_OFFLINE": "1"}
-    else:
-        env |= extra
+    env |= extra(tmp_path) if callable(extra) else extra
     db = Path(folder, "mlflow.db")
-    before, sessions = hashlib.sha256(db.read_bytes()).hexdigest(), ray_sessions()
-    proc = subprocess.run([sys.executable, "-m", "sweeps", "run", str(spec)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    before, files = hashlib.sha256(db.read_bytes()).hexdigest(), snapshot(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps", "run", str(spec)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
-    assert ray_sessions() == sessions and not (tmp_path / "ray").exists()
+    assert not ray_sessions_of(proc.pid) and not (tmp_path / "ray").exists()
+    assert snapshot(tmp_path) == files  # nothing created, nothing changed
+
+
+def test_check_works_in_a_second_on_a_million_point_grid(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(million_point_grid() + "max_trials: 1000000\n")
+    proc = subprocess.run([sys.executable, "-m", "sweeps", "check", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 0 and "ok (1000000 trials, grid)" in proc.stdout, proc.stderr
+
+
+# The same kinds in-process, more forms of each (fast).
+
+
+def other_db(path: Path) -> Path:
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE notes (text)")
+    connection.commit()
+    connection.close()
+    return path
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("relative/mlruns", "is a folder path"),
+    ("file:///srv/mlruns", "use a database file such as sqlite:////srv/mlruns/mlflow.db"),
+    ("sqlite://", "an in-memory database keeps nothing"),
+    ("sqlite:///:memory:", "an in-memory database keeps nothing"),
+    ("sqlite:/x.db", "expected sqlite://"),
+    ("sqlite:////proc/m.db", "folder /proc is not writable"),
+    ("sqlite:///{tmp}/file/m.db", "is not a folder"),
+    ("sqlite:///{tmp}/other.db", "an SQLite database of something else (tables notes)"),
+    ("s3://bucket/mlflow", "unknown scheme 's3'"),
+    ("mysql://u:secret@127.0.0.1:9/m", "mysql://u:***@127.0.0.1:9/m is unreachable"),
+    ("postgresql+psycopg2://u@127.0.0.1:9/m", "is unreachable (connection to server"),
+    ("http://[::1", "not a URI"),
+])
+def test_check_tracking_refuses_every_form_in_one_line(uri, expected, tmp_path):
+    (tmp_path / "file").write_text("x")
+    other_db(tmp_path / "other.db")
+    with pytest.raises(SweepError) as err:
+        check_tracking(uri.format(tmp=tmp_path), timeout=2)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert "secret" not in str(err.value)
+
+
+def test_check_tracking_accepts_a_new_empty_or_mlflow_database_and_writes_nothing(store, tmp_path):
+    folder, uri = store
+    (tmp_path / "empty.db").write_bytes(b"")
+    before, store_before = snapshot(tmp_path), snapshot(folder)
+    for accepted in (f"sqlite:///{tmp_path}/new.db", f"sqlite:///{tmp_path}/empty.db", uri):
+        check_tracking(accepted)
+    assert snapshot(tmp_path) == before and snapshot(folder) == store_before
+
+
+@pytest.mark.parametrize("storage,expected", [
+    ("relative/ray", "is a relative path"),
+    ("{tmp}/file/ray", "cannot be created: {tmp}/file is a file"),
+    ("file://{tmp}/file", "is a file, not a folder"),
+    ("/proc/ray", "folder /proc is not writable"),
+    ("nosuch://bucket/ray", "pyarrow (Ray's storage layer) cannot open it"),
+])
+def test_check_storage_refuses_what_ray_cannot_use(storage, expected, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SweepError) as err:
+        check_storage(storage.format(tmp=tmp_path))
+    assert expected.format(tmp=tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_storage_accepts_a_folder_to_be_made_and_makes_nothing(tmp_path):
+    check_storage(str(tmp_path / "a" / "b"))
+    check_storage(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("address", ["head:abc", "head:99999", "http://[::1"])
+def test_check_ray_refuses_a_malformed_address_in_one_line(address):
+    with pytest.raises(SweepError, match="expected host:port"):
+        check_ray(address)

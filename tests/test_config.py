@@ -1,8 +1,11 @@
 """The typed trial config and its flat dotted form."""
 
+import subprocess
+import sys
+
 import pytest
 
-from study.config import ConfigError, TrialConfig, flat_to_strings, parse_assignments
+from study.config import ConfigError, TrialConfig, check_value, flat_to_strings, parse_assignments
 
 
 def test_flat_round_trip():
@@ -70,3 +73,52 @@ def test_strings_for_mlflow_params_read_back():
     strings = flat_to_strings(config.to_flat())
     assert strings["model.widths"] == "[64, 32]" and strings["model.batch_norm"] == "true"
     assert TrialConfig.from_flat(parse_assignments(f"{k}={v}" for k, v in strings.items())) == config
+
+
+FLOAT_KEYS = [key for key, value in TrialConfig().to_flat().items() if isinstance(value, float)] + [
+    "optim.momentum"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 10**400])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_refuses_non_finite_numbers(key, value):
+    flat = {key: value, **({"optim.name": "sgd"} if key == "optim.momentum" else {})}
+    with pytest.raises(ConfigError, match=f"{key}.*: expected a finite number"):
+        TrialConfig.from_flat(flat)
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        check_value(key, value)
+
+
+def test_the_float_keys_are_all_covered():
+    assert {"activation.p", "activation.slope", "activation.cutoff", "activation.noise_std", "optim.lr",
+            "optim.momentum", "data.val_fraction"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("text", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_the_command_line_refuses_non_finite_numbers(text):
+    proc = subprocess.run([sys.executable, "-m", "study", "train", "--set", f"activation.slope={text}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: activation.slope = ") and "expected a finite number" in proc.stderr
+
+
+@pytest.mark.parametrize("key", ["seed", "data.split_seed"])
+def test_seeds_fit_numpys_32_bits(key):
+    assert TrialConfig.from_flat({key: 2**32 - 1}).to_flat()[key] == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"must be in \[0, 2\*\*32\)"):
+        TrialConfig.from_flat({key: 2**32})
+
+
+def test_check_value_checks_one_key_on_its_own():
+    assert check_value("activation.p", 1) == 1.0 and check_value("model.widths", [8]) == (8,)
+    assert check_value("model.code_bits", 16) == 16  # applies or not: not its business
+    with pytest.raises(ConfigError, match=r"activation.pp: unknown key \(did you mean activation.p\?\)"):
+        check_value("activation.pp", 0.5)
+    with pytest.raises(ConfigError, match="model.arch = 3: expected one of"):
+        check_value("model.arch", 3)
+
+
+def test_an_error_message_stays_on_one_line():
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_flat({"model.a\nb\u2028c": 1})
+    assert len(str(err.value).splitlines()) == 1 and "model.a\\nb\\u2028c: unknown key" in str(err.value)

@@ -2,13 +2,14 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 
 from sweeps.space import DefineByRun
-from sweeps.spec import SpecError, load_spec
+from sweeps.spec import SpecError, SweepSpec, load_spec
 
 from .conftest import ROOT
 from .sweep_helpers import edit_spec
@@ -33,6 +34,11 @@ def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
 
 def edited(**changes) -> str:
     return edit_spec(GOOD, **changes)
+
+
+def with_entry(line: str) -> str:
+    """GOOD with a space entry before model.arch (line 5)."""
+    return GOOD.replace("  model.arch:", f"  {line}\n  model.arch:")
 
 
 BAD = {
@@ -86,6 +92,105 @@ BAD = {
                                    "scheduler.grace_period: expected an integer in [1, "),
     "unknown scheduler": (edited(scheduler={"name": "pbt"}), "scheduler.name: expected one of"),
     "unknown smoke key": (edited(smoke={"epochs": 1}), "smoke.epochs: unknown key"),
+    # spec files of any content
+    "python tag": ("name: !!python/object/apply:os.system [ls]\n",
+                   "line 1: the tag !!python/object/apply:os.system is not allowed"),
+    "set tag": (GOOD + "seeds: !!set {1, 2}\n", "the tag !!set is not allowed"),
+    "binary tag": (GOOD + "description: !!binary aGVsbG8=\n", "the tag !!binary is not allowed"),
+    "alias bomb": ("name: t\na: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(9)),
+        "more than 100000 values once its aliases are expanded"),
+    "recursive alias": (GOOD + "variants: &v {a: *v}\n", "variants.a: contains itself (a recursive alias)"),
+    "recursive list": (GOOD + "seeds: &s [0, *s]\n", "seeds[1]: contains itself"),
+    "absurd nesting": ("name: t\nfixed: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32 levels"),
+    "nesting beyond the parser": ("name: t\nfixed: " + "[" * 20000 + "]" * 20000 + "\n",
+                                  "not valid YAML"),
+    "a key that is not text": (GOOD.replace("budget.epochs: 3}", "budget.epochs: 3, 1: 2}"),
+                               "fixed: keys are text, got 1"),
+    "a line break in a key": (GOOD + '"a\\nb": 1\n', "a\\nb: unknown key"),
+    "an integer of 5000 digits": (GOOD + "max_failures: 1" + "0" * 5000 + "\n", "not valid YAML"),
+    # duplicated keys at any level
+    "duplicated top-level key": (GOOD + "name: u\n", "duplicated key 'name' at line 9 (first at line 2)"),
+    "duplicated key in a section": (GOOD.replace("samples: 4}", "samples: 4, samples: 5}"),
+                                    "duplicated key 'samples' at line 8 (first at line 8, columns"),
+    "duplicated space entry": (with_entry("activation.p: {uniform: [0, 1]}"),
+                               "duplicated key 'activation.p' at line 6 (first at line 5)"),
+    "duplicated condition key": (GOOD.replace("when: {model.arch: [bottleneck]}",
+                                              "when: {model.arch: [bottleneck], model.arch: [mlp]}"),
+                                 "duplicated key 'model.arch' at line 7"),
+    # non-finite numbers anywhere
+    "inf in fixed": (GOOD.replace("budget.epochs: 3", "budget.epochs: 3, activation.slope: .inf"),
+                     "fixed.activation.slope: inf is not a finite number"),
+    "nan in a range": (GOOD.replace("uniform: [0.0, 1.0]", "uniform: [0.0, .nan]"),
+                       "space.activation.p.uniform[1]: nan is not a finite number"),
+    "-inf in a choice": (GOOD.replace("choice: [8, 16]", "choice: [8, -.inf]"),
+                         "space.model.code_bits.choice[1]: -inf is not a finite number"),
+    "inf in a condition": (GOOD.replace("[bottleneck]}}", "[bottleneck, .inf]}}"),
+                           "space.model.code_bits.when.model.arch[1]: inf is not a finite number"),
+    "inf in resources": (GOOD + "resources: {cpus: .inf}\n", "resources.cpus: inf is not a finite number"),
+    "nan in the scheduler": (GOOD + "scheduler: {reduction_factor: .nan}\n",
+                             "scheduler.reduction_factor: nan is not a finite number"),
+    "inf in the smoke section": (GOOD + "smoke: {fixed: {optim.lr: -.inf}}\n",
+                                 "smoke.fixed.optim.lr: -inf is not a finite number"),
+    "inf in a variant": (edited(**{"search/algorithm": "grid", "space/activation.p": {"grid": [0.5]},
+                                   "space/model.arch": {"grid": ["mlp", "bottleneck"]},
+                                   "space/model.code_bits": {"grid": [8],
+                                                             "when": {"model.arch": ["bottleneck"]}},
+                                   "variants": {"noisy": {"activation.noise_std": float("inf")}}}),
+                         "variants.noisy.activation.noise_std: inf is not a finite number"),
+    "a number beyond a float": (GOOD.replace("budget.epochs: 3", "budget.epochs: 3, optim.lr: 1" + "0" * 400),
+                                "fixed: optim.lr: 1329-bit integer: expected a finite number"),
+    "a seed beyond 32 bits": (GOOD.replace("samples: 4}", "samples: 4, seed: 4294967296}"),
+                              "search.seed: seed = 4294967296: must be in [0, 2**32)"),
+    # conditions that can never hold
+    "condition value an earlier entry never takes": (
+        GOOD.replace("when: {model.arch: [bottleneck]}", "when: {model.arch: [bottleneck, cnn]}"),
+        "space.model.code_bits.when.model.arch: 'cnn' is never a value of model.arch (it takes 'mlp', "
+        "'bottleneck')"),
+    "condition value the fixed key never takes": (
+        GOOD.replace("  model.arch: {choice: [mlp, bottleneck]}\n", "").replace(
+            "budget.epochs: 3}", "budget.epochs: 3, model.arch: mlp}"),
+        "space.model.code_bits.when.model.arch: 'bottleneck' is never a value of model.arch (it takes "
+        "'mlp')"),
+    "entry active in no combination": (GOOD.replace(
+        "  model.code_bits: {choice: [8, 16], when: {model.arch: [bottleneck]}}",
+        "  optim.name: {choice: [adam, sgd], when: {model.arch: [mlp]}}\n"
+        "  model.code_bits: {choice: [8], when: {model.arch: [bottleneck], optim.name: [sgd]}}"),
+        "space.model.code_bits.when: holds in no combination"),
+    "condition on an entry that is never there": (GOOD.replace(
+        "  model.code_bits: {choice: [8, 16], when: {model.arch: [bottleneck]}}",
+        "  optim.name: {choice: [adam, sgd], when: {model.arch: [cnn, mlp]}}").replace(
+        "choice: [mlp, bottleneck]", "choice: [mlp]"), "'cnn' is never a value of model.arch"),
+    "searched and set by a variant": (
+        edited(**{"search/algorithm": "grid", "space/activation.p": {"grid": [0.5]},
+                  "space/model.arch": {"grid": ["mlp"]}, "space/model.code_bits": None,
+                  "variants": {"p1": {"activation.p": 1.0}}}),
+        "space.activation.p: also set in variants.p1"),
+    # sizes and names
+    "grid above max_trials": (edited(**{"search/algorithm": "grid", "seeds": list(range(11)),
+                                        "space/activation.p": {"grid": [i / 100 for i in range(100)]},
+                                        "space/model.arch": {"grid": ["mlp"]},
+                                        "space/model.code_bits": None}),
+                              "max_trials: the grid has 1100 trials (variants x grid points x seeds), above "
+                              "the limit of 1000: shrink it, or raise the limit with a top-level "
+                              "`max_trials: 1100`"),
+    "samples above max_trials": (edited(max_trials=3), "search.samples: 4 trials, above the limit of 3: "
+                                                       "lower it, or raise the limit with a top-level "
+                                                       "`max_trials: 4`"),
+    "max_trials not an integer": (edited(max_trials=1.5), "max_trials: expected an integer >= 1"),
+    "name of 65 characters": (edited(name="n" * 65), "name: 65 characters, at most 64"),
+    "variant name of 65 characters": (edited(**{"search/algorithm": "grid", "space": {
+        "activation.p": {"grid": [0.5]}}, "variants": {"v" * 65: {}}}), "a variant's name has 1 to 64"),
+    # a discrete entry's values are checked on their own, under their own entry
+    "mixed types in a choice": (GOOD.replace("choice: [8, 16]", "choice: [8, sixteen]"),
+                                'space.model.code_bits: model.code_bits = "sixteen": expected an integer'),
+    "mixed types in the first entry": (
+        GOOD.replace("choice: [mlp, bottleneck]", "choice: [mlp, bottleneck, 3]"),
+        "space.model.arch: model.arch = 3: expected one of"),
+    "a list among numbers": (GOOD.replace("choice: [8, 16]", "choice: [8, [16]]"),
+                             "space.model.code_bits: model.code_bits = [16]: expected an integer"),
+    "1 and 1.0 repeat": (with_entry("activation.cutoff: {choice: [1, 1.0]}"),
+                         "space.activation.cutoff.choice: the values repeat"),
 }
 
 
@@ -137,10 +242,70 @@ def test_smoke_overrides_merge_into_the_sections(tmp_path):
     assert smoke.sweep_id != full.sweep_id and smoke.experiment == "t-smoke"
 
 
-def test_sweep_id_follows_the_file_content(tmp_path):
-    a = load_spec(write(tmp_path, GOOD, "a.yaml"))
-    assert load_spec(write(tmp_path, GOOD, "a.yaml")).sweep_id == a.sweep_id
-    assert load_spec(write(tmp_path, GOOD + "\n# changed\n", "a.yaml")).sweep_id != a.sweep_id
+SAME_MEANING = {
+    "a comment": GOOD + "# changed\n",
+    "another description": GOOD + "description: a new one\n",
+    "keys reordered": """
+search: {samples: 4, algorithm: tpe}
+space:
+  activation.p: {uniform: [0.0, 1.0]}
+  model.arch: {choice: [mlp, bottleneck]}
+  model.code_bits: {when: {model.arch: [bottleneck]}, choice: [8, 16]}
+fixed: {budget.epochs: 3, data.name: synthetic}
+name: t
+""",
+    "block style, 1 for 1.0": """
+name: t
+fixed:
+  data.name: synthetic
+  budget.epochs: 3
+space:
+  activation.p:
+    uniform: [0, 1]
+  model.arch:
+    choice:
+      - mlp
+      - bottleneck
+  model.code_bits: {choice: [8, 16], when: {model.arch: [bottleneck]}}
+search:
+  algorithm: tpe
+  samples: 4
+""",
+    "a key set to its default": GOOD.replace("budget.epochs: 3}", "budget.epochs: 3, optim.lr: 0.001}"),
+    "defaults spelled out": GOOD + "seeds: [0]\nmax_failures: 2\nscheduler: {name: asha}\n",
+    "max_trials": GOOD + "max_trials: 50\n",
+    "a smoke section (full load)": GOOD + "smoke: {fixed: {budget.epochs: 1}}\n",
+}
+OTHER_MEANING = {
+    "a fixed value": GOOD.replace("budget.epochs: 3", "budget.epochs: 4"),
+    "a range": GOOD.replace("uniform: [0.0, 1.0]", "uniform: [0.0, 0.9]"),
+    "a choice": GOOD.replace("choice: [8, 16]", "choice: [8, 32]"),
+    "the mode": GOOD + "mode: min\n",
+    "the space order": GOOD.replace("  activation.p: {uniform: [0.0, 1.0]}\n", "").replace(
+        "search:", "  activation.p: {uniform: [0.0, 1.0]}\nsearch:"),
+    "the seeds": GOOD + "seeds: [1]\n",
+    "the search seed": GOOD.replace("samples: 4}", "samples: 4, seed: 1}"),
+    "the metric": GOOD + "metric: val/accuracy_soft\n",
+}
+
+
+@pytest.mark.parametrize("change", SAME_MEANING)
+def test_sweep_id_follows_the_meaning_not_the_text(change, tmp_path):
+    base = load_spec(write(tmp_path, GOOD, "a.yaml"))
+    assert len(base.digest) == 12 and base.sweep_id == f"t-{base.digest[:8]}"
+    assert load_spec(write(tmp_path, SAME_MEANING[change], "b.yaml")).sweep_id == base.sweep_id
+
+
+@pytest.mark.parametrize("change", OTHER_MEANING)
+def test_a_changed_meaning_is_another_sweep(change, tmp_path):
+    base = load_spec(write(tmp_path, GOOD, "a.yaml"))
+    assert load_spec(write(tmp_path, OTHER_MEANING[change], "b.yaml")).sweep_id != base.sweep_id
+
+
+def test_smoke_and_full_sweeps_have_different_ids(tmp_path):
+    path = write(tmp_path, GOOD + "smoke: {}\n")
+    full, smoke = load_spec(path), load_spec(path, smoke=True)
+    assert full.digest != smoke.digest and smoke.sweep_id.startswith("t-smoke-")
 
 
 def test_define_by_run_samples_conditional_keys_only_for_their_architecture(tmp_path):
@@ -192,3 +357,103 @@ def test_only_an_unreachable_store_is_retried_later():
     assert unreachable(MlflowException("API request failed: Max retries exceeded with url"))
     assert not unreachable(MlflowException("Run 'abc' not found"))
     assert not unreachable(NameError("run"))  # a bug must surface, not wait in the queue
+
+
+FILES = {
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "a NUL byte at offset 8: a binary file"),
+    "NUL bytes in text": (GOOD.encode() + b"\0\0", "a NUL byte at offset"),
+    "UTF-16": (GOOD.encode("utf-16"), "a NUL byte at offset"),
+    "Latin-1": (GOOD.replace("name: t", "description: caf\xe9\nname: t").encode("latin-1"),
+                "not UTF-8 text (byte 0xe9 at offset 17)"),
+    "empty": (b"", "empty: a spec is a mapping"),
+    "comments only": (b"# a spec to come\n", "empty: a spec is a mapping"),
+    "larger than 1 MB": (GOOD.encode() + b"#" * 1_000_000, "larger than 1 MB"),
+}
+
+
+@pytest.mark.parametrize("kind", FILES)
+def test_a_file_that_is_no_spec_is_refused_in_one_line(kind, tmp_path):
+    content, message = FILES[kind]
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_folder_is_no_spec(tmp_path):
+    with pytest.raises(SpecError, match="a folder, not a spec file"):
+        load_spec(tmp_path)
+
+
+def test_utf8_with_a_byte_order_mark_and_dates_as_text_are_fine(tmp_path):
+    spec = load_spec(write(tmp_path, "\ufeff" + GOOD + "description: 2024-01-01\n"))
+    assert spec.description == "2024-01-01"
+
+
+def test_an_alias_bomb_is_refused_quickly(tmp_path):
+    levels = "".join(f"l{i + 1}: &l{i + 1} [{', '.join([f'*l{i}'] * 10)}]\n" for i in range(12))
+    path = write(tmp_path, "name: t\nl0: &l0 [lol]\n" + levels)
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match="an alias bomb"):
+        load_spec(path)
+    assert time.perf_counter() - start < 1
+
+
+def test_a_million_point_grid_is_counted_not_listed(tmp_path, monkeypatch):
+    values = {"activation.p": [i / 10 for i in range(10)], "activation.slope": list(range(1, 11)),
+              "activation.cutoff": [1 + i / 10 for i in range(10)],
+              "activation.noise_std": [i / 10 for i in range(10)],
+              "optim.lr": [(i + 1) / 100 for i in range(10)],
+              "model.arch": ["mlp", "bottleneck"]}
+    space = {key: {"grid": v} for key, v in values.items()}
+    space["model.code_bits"] = {"grid": [8, 16, 32, 64, 128], "when": {"model.arch": ["bottleneck"]}}
+    text = edit_spec(GOOD, space=space, search={"algorithm": "grid"}, seeds=[0, 1])
+    monkeypatch.setattr(SweepSpec, "grid", lambda self: pytest.fail("the grid was listed"))
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match="the grid has 1200000 trials"):
+        load_spec(write(tmp_path, text))
+    spec = load_spec(write(tmp_path, text + "max_trials: 1200000\n"))
+    assert spec.num_trials == 10**5 * (1 + 5) * 2 and spec.max_trials == 1_200_000
+    assert time.perf_counter() - start < 1
+
+
+def test_the_count_agrees_with_the_listed_grid_under_nested_conditions(tmp_path):
+    spec = load_spec(write(tmp_path, """
+name: g
+fixed: {data.name: synthetic}
+variants: {plain: {}, sgd: {optim.name: sgd}}
+space:
+  model.arch: {grid: [mlp, cnn, bottleneck]}
+  model.filters: {grid: [[8], [8, 16]], when: {model.arch: [cnn]}}
+  model.code_bits: {grid: [8, 16, 32], when: {model.arch: [bottleneck]}}
+  optim.momentum: {grid: [0.5, 0.9], when: {optim.name: [sgd], model.arch: [cnn, bottleneck]}}
+  activation.p: {grid: [0.0, 1.0]}
+search: {algorithm: grid}
+seeds: [0, 1]
+"""))
+    assert spec.num_trials == len(spec.grid()) == ((1 + 2 + 3) + (1 + 2 * 2 + 3 * 2)) * 2 * 2
+
+
+def test_a_smoke_override_of_null_removes_a_space_entry(tmp_path):
+    text = edited(**{"smoke/space": {"model.arch": {"choice": ["mlp"]}, "model.code_bits": None}})
+    assert [d.key for d in load_spec(write(tmp_path, text), smoke=True).space] == ["activation.p",
+                                                                                    "model.arch"]
+    with pytest.raises(SpecError, match="'bottleneck' is never a value of model.arch"):
+        load_spec(write(tmp_path, edited(**{"smoke/space": {"model.arch": {"choice": ["mlp"]}}})), smoke=True)
+
+
+def test_a_condition_may_name_a_key_the_variants_set(tmp_path):
+    spec = load_spec(write(tmp_path, """
+name: v
+fixed: {data.name: synthetic}
+variants: {mlp: {model.arch: mlp}, bottleneck: {model.arch: bottleneck}}
+space:
+  activation.p: {grid: [0.0, 1.0]}
+  model.code_bits: {grid: [8, 16], when: {model.arch: [bottleneck]}}
+search: {algorithm: grid}
+"""))
+    assert spec.num_trials == len(spec.grid()) == 2 + 2 * 2
+    with pytest.raises(SpecError, match="'cnn' is never a value of model.arch"):
+        load_spec(write(tmp_path, spec.file.read_text().replace("[bottleneck]}", "[cnn]}")))
