@@ -8,8 +8,8 @@ start time, command) so that a refused second launch can say who is running.
 
 On an object store (s3://...), which has no locks, the lock is an object `.drivers/SWEEP_ID.lock`
 with a heartbeat the holder rewrites every `BEAT_S` seconds; it is stale once its heartbeat is older
-than `STALE_S`. A launch writes its own token and reads it back after a settling pause, so of two
-drivers started together only the one whose write landed last holds it.
+than `STALE_S`. A launch writes its own token and reads it back twice, a settling pause apart, so of
+two drivers started together only the one whose write landed last holds it.
 """
 
 from __future__ import annotations
@@ -141,16 +141,19 @@ class DriverLock:
             raise SweepLocked(self._refusal(held))
         info = _me(self.token)
         self._write_object(info)
-        time.sleep(SETTLE_S)
-        winner = self._read_object()
-        if winner.get("token") != self.token:
-            raise SweepLocked(self._refusal(winner))
+        for _ in range(2):  # a rival whose check came before our write writes within a settle
+            time.sleep(SETTLE_S)
+            winner = self._read_object()
+            if winner.get("token") != self.token:
+                raise SweepLocked(self._refusal(winner))
         threading.Thread(target=self._beat, args=(info,), daemon=True, name="sweep-lock").start()
         return self
 
     def _beat(self, info: dict) -> None:
         while not self._stop.wait(BEAT_S):
             with contextlib.suppress(OSError):
+                if self._read_object().get("token") not in (None, self.token):
+                    return  # taken over after a stall longer than STALE_S: never overwrite it
                 self._write_object({**info, "heartbeat": time.time()})
 
 

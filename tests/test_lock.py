@@ -59,7 +59,7 @@ def test_a_released_lock_can_be_taken_again(tmp_path):
 
 def object_lock(tmp_path, monkeypatch) -> DriverLock:
     """The object-store lock (s3://...), exercised through pyarrow on a local folder."""
-    monkeypatch.setattr(lock_module, "SETTLE_S", 0.2)
+    monkeypatch.setattr(lock_module, "SETTLE_S", 0.5)
     monkeypatch.setattr(lock_module, "BEAT_S", 0.1)
     lock = DriverLock(str(tmp_path), "s-1")
     lock.remote = True
