@@ -62,8 +62,9 @@ def steps(env: dict[str, str], run, key: str = "train/loss") -> list[int]:
 
 
 def assert_complete(spec: SweepSpec, env: dict[str, str]) -> list:
-    """One FINISHED parent, one closed child per trial, every epoch exactly once; the children."""
-    recorded = runs(env, spec.experiment)
+    """One FINISHED parent, one closed child per trial, every epoch exactly once; the children (of
+    this sweep: an edited spec's older sweeps share the experiment)."""
+    recorded = [r for r in runs(env, spec.experiment) if r.data.tags.get("sweep.id") == spec.sweep_id]
     parents = [r for r in recorded if r.data.tags.get("sweep.role") == "parent"]
     children = [r for r in recorded if r.data.tags.get("sweep.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
