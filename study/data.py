@@ -76,6 +76,7 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     scale: float
+    source: str = ""  # where the files came from (a folder), or the generator
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -95,8 +96,14 @@ def load(config: DataConfig) -> Dataset:
         name=config.name,
         x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val],
         x_test=x_test, y_test=y_test,
-        num_classes=int(max(y.max(), y_test.max()) + 1), scale=scale,
+        num_classes=int(max(y.max(), y_test.max()) + 1), scale=scale, source=_source(config.name),
     )
+
+
+def _source(name: str) -> str:
+    if name == "fashion_mnist":
+        return str(find_fashion_mnist() or "")
+    return {"digits": "sklearn.datasets.load_digits", "synthetic": "study.data.synthetic"}[name]
 
 
 def fashion_mnist_dirs() -> list[Path]:

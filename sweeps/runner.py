@@ -103,7 +103,8 @@ def _run_locked(spec: SweepSpec, settings: Settings, dataset) -> tune.ResultGrid
             tuner = tune.Tuner.restore(path, trainable=_trainable(spec, dataset),
                                        resume_errored=True)
         else:
-            tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags)
+            tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags,
+                                             tracking.DatasetRecord.of(dataset))
             tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec), interrupt.Catch()])
         results = tuner.fit()
         status = "KILLED" if interrupt.received else "FINISHED"

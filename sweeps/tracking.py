@@ -9,8 +9,10 @@ finds its runs by their `sweep.id` / `trial.id` tags and logs each epoch (step) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -18,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from typing import Any
 import requests
 import sqlalchemy.exc
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from ray import tune
 
@@ -34,21 +37,31 @@ from study.names import EPOCH_METRICS, FINAL_METRICS, TRIAL_CONSTANTS
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
-LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, *TRIAL_CONSTANTS, "trial/diverged")
+LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, *TRIAL_CONSTANTS, "trial/diverged",
+                  "worker/peak_rss_mb", "worker/gpu_peak_mb")
 LIBRARIES = ("tensorflow-cpu", "keras", "ray", "optuna", "mlflow", "numpy", "pandas")
 
 
 def provenance(spec: SweepSpec) -> dict[str, str]:
     """Tags every run of the sweep carries: sweep, spec, git state and library versions."""
+    git = git_state()
     tags = {
         "sweep.id": spec.sweep_id, "sweep.smoke": str(spec.smoke).lower(),
-        "spec.path": spec.path, "spec.hash": spec.digest, **git_state(),
+        "spec.path": spec.path, "spec.hash": spec.digest, **git, **source_tags(spec, git),
     }
     for library in LIBRARIES:
         try:
             tags[f"lib.{library}"] = metadata.version(library)
         except metadata.PackageNotFoundError:
             tags[f"lib.{library}"] = "absent"
+    return tags
+
+
+def source_tags(spec: SweepSpec, git: dict[str, str]) -> dict[str, str]:
+    """MLflow's own source columns: the spec the sweep ran and the commit of the code."""
+    tags = {"mlflow.source.name": spec.path, "mlflow.source.type": "LOCAL"}
+    if git.get("git.commit", "unknown") != "unknown":
+        tags["mlflow.source.git.commit"] = git["git.commit"]
     return tags
 
 
@@ -100,13 +113,91 @@ def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[s
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp_id, tags={**tags, "sweep.role": "parent"}, run_name=spec.sweep_id)
+    run = client.create_run(exp_id, tags={**tags, "sweep.role": "parent",
+                                          "mlflow.note.content": spec.description.strip() or
+                                          f"Sweep of {spec.path}"}, run_name=spec.sweep_id)
     params = {"metric": spec.metric, "mode": spec.mode, "search.algorithm": spec.search.algorithm,
               "search.samples": spec.num_trials, "scheduler": spec.scheduler.name,
               "resources.cpus": spec.resources.cpus, "resources.gpus": spec.resources.gpus}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(spec.file or spec.path))
     return run.info.run_id
+
+
+class Summary:
+    """The sweep at a glance, for its parent run: the best value of the spec's metric over the
+    trials' last reports (as Ray Tune ranks trials), the trial that holds it and its settings, and
+    how many trials ended each way. Seeded from the children's runs when a sweep resumes."""
+
+    ENDINGS = {"budget": "finished", "scheduler": "stopped_early", "diverged": "failed",
+               "failed": "failed", "interrupted": "interrupted"}
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+        self.value: dict[str, float] = {}  # trial id -> last reported value of the metric
+        self.settings: dict[str, dict[str, str]] = {}
+        self.ended: dict[str, str] = {}  # trial id -> budget | scheduler | ... (see ENDINGS)
+
+    def settings_of(self, flat: dict[str, Any], variant: str | None) -> dict[str, str]:
+        keys = [k for k in [dim.key for dim in self.spec.space] + ["seed"] if k in flat]
+        shown = {k: _short(flat[k]) for k in keys}
+        return {"variant": variant, **shown} if variant else shown
+
+    def seed(self, runs: list) -> None:
+        for run in runs:
+            trial_id = run.data.tags.get("trial.id")
+            if trial_id is None:
+                continue
+            if self.spec.metric in run.data.metrics:
+                self.value[trial_id] = run.data.metrics[self.spec.metric]
+            self.settings[trial_id] = self.settings_of(
+                {k: _param(v) for k, v in run.data.params.items()}, run.data.tags.get("trial.variant"))
+            if run.data.tags.get("trial.ended") in self.ENDINGS:
+                self.ended[trial_id] = run.data.tags["trial.ended"]
+
+    def report(self, trial_id: str, value: Any) -> bool:
+        """A new last value; whether the best trial or value changed."""
+        if not isinstance(value, int | float) or math.isnan(value):
+            return False
+        before = self.best()
+        self.value[trial_id] = float(value)
+        return self.best() != before
+
+    def best(self) -> tuple[str, float] | None:
+        if not self.value:
+            return None
+        pick = max if self.spec.mode == "max" else min
+        trial_id = pick(sorted(self.value), key=lambda t: self.value[t])
+        return trial_id, self.value[trial_id]
+
+    def metrics(self) -> dict[str, float]:
+        counts = dict.fromkeys(self.ENDINGS.values(), 0)
+        for ended in self.ended.values():
+            counts[self.ENDINGS[ended]] += 1
+        out = {f"trials/{k}": float(v) for k, v in counts.items()}
+        out["trials/total"] = float(self.spec.num_trials)
+        best = self.best()
+        if best is not None:
+            out[f"best/{self.spec.metric}"] = best[1]
+        return out
+
+    def tags(self) -> dict[str, str]:
+        best = self.best()
+        if best is None:
+            return {}
+        return {"best.trial.id": best[0],
+                **{f"best.{k}": v for k, v in self.settings.get(best[0], {}).items()}}
+
+
+def _param(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 class MlflowTracker(tune.Callback):
@@ -125,15 +216,17 @@ class MlflowTracker(tune.Callback):
     """
 
     def __init__(self, spec: SweepSpec, tracking_uri: str, exp_id: str, parent_run_id: str,
-                 tags: dict[str, str]):
+                 tags: dict[str, str], dataset: DatasetRecord | None = None):
         global _ACTIVE
         self.spec, self.tracking_uri, self.exp_id = spec, tracking_uri, exp_id
-        self.parent_run_id, self.tags = parent_run_id, tags
+        self.parent_run_id, self.tags, self.dataset = parent_run_id, tags, dataset
         self.client = MlflowClient(tracking_uri)
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.last_step: dict[str, int] = {}  # run id -> last epoch logged
         self.seen: set[str] = set()  # trials that ran in this driver
         self.ended: set[str] = set()  # trials that ended by their own rule (or failed) here
+        self.summary = Summary(spec)
+        self.summary_loaded = False
         self.writer = Writer(tracking_uri)
         self.left: list[str] = []  # writes the final flush could not do
         _ACTIVE = self
@@ -142,7 +235,7 @@ class MlflowTracker(tune.Callback):
         """Ray pickles the callbacks with the experiment; a restored sweep starts with empty caches
         (runs are found again by their tags), a fresh client and a fresh writer."""
         return {k: getattr(self, k) for k in ("spec", "tracking_uri", "exp_id", "parent_run_id",
-                                              "tags")}
+                                              "tags", "dataset")}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -158,6 +251,7 @@ class MlflowTracker(tune.Callback):
         trial_id, config, result = trial.trial_id, dict(trial.config), dict(result)
         self._submit(f"trial {trial_id}: epoch {result.get('epoch')}",
                      lambda: self._log_result(trial_id, config, result))
+        self._submit("parent: summary", lambda: self._summarize(trial_id, result, only_if_new=True))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended.add(trial.trial_id)
@@ -193,6 +287,7 @@ class MlflowTracker(tune.Callback):
         checkpoint = getattr(trial, "checkpoint", None)
         self._submit(f"trial {trial_id}: close", lambda: self._close(
             trial_id, config, checkpoint, error, interrupted, only_if_open))
+        self._submit("parent: summary", lambda: self._summarize(trial_id, {}, only_if_new=False))
 
     # operations (the writer's thread; each idempotent) ------------------------------------------
     def _run_id(self, trial_id: str, config: dict) -> str:
@@ -222,13 +317,37 @@ class MlflowTracker(tune.Callback):
             variant = config.get("trial", {}).get("variant")
             if variant is not None:
                 tags["trial.variant"] = variant
+            settings = self.summary.settings_of(trial_config.to_flat(), variant)
+            tags["mlflow.note.content"] = ", ".join(f"{k} {v}" if k == "variant" else f"{k}={v}"
+                                                    for k, v in settings.items())
             run = self.client.create_run(self.exp_id, tags=tags,
                                          run_name=f"{self.spec.name}-{trial_id}")
             run_id = run.info.run_id
             params = flat_to_strings(trial_config.to_flat())
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            if self.dataset is not None:
+                self.client.log_inputs(run_id, datasets=[self.dataset.input()])
+            self.summary.settings[trial_id] = settings
             self.last_step[run_id] = 0
         self.runs[trial_id] = run_id
+
+    def _summarize(self, trial_id: str, result: dict[str, Any], only_if_new: bool) -> None:
+        """Bring the parent run's summary up to date (after a close, or a new best value)."""
+        self._load_summary()
+        changed = self.summary.report(trial_id, result.get(self.spec.metric))
+        if only_if_new and not changed:
+            return
+        timestamp, step = int(time.time() * 1000), len(self.summary.ended)
+        self.client.log_batch(
+            self.parent_run_id,
+            metrics=[Metric(k, v, timestamp, step) for k, v in self.summary.metrics().items()],
+            tags=[RunTag(k, v) for k, v in self.summary.tags().items()])
+
+    def _load_summary(self) -> None:
+        if not self.summary_loaded:
+            self.summary.seed(find_runs(self.client, self.exp_id, {"sweep.id": self.spec.sweep_id,
+                                                                   "sweep.role": "trial"}))
+            self.summary_loaded = True
 
     def _log_result(self, trial_id: str, config: dict, result: dict[str, Any]) -> None:
         run_id = self._run_id(trial_id, config)
@@ -260,6 +379,8 @@ class MlflowTracker(tune.Callback):
             ended, status = ("failed" if error else "diverged"), "FAILED"
         else:
             ended, status = ("budget" if epochs >= self.spec.epochs else "scheduler"), "FINISHED"
+        self._load_summary()
+        self.summary.ended[trial_id] = ended
         tags = {"trial.epochs": str(epochs), "trial.ended": ended,
                 "trial.closed": str(status != "KILLED").lower(),
                 "trial.stopped_early": str(ended == "scheduler").lower()}
@@ -290,6 +411,32 @@ class MlflowTracker(tune.Callback):
             for name in ("history.json", "model.keras"):
                 if Path(folder, name).exists():
                     self.client.log_artifact(run_id, str(Path(folder, name)))
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """What a trial trained on, for MLflow's dataset inputs (the runs table's Dataset column and
+    its filter): name, a digest of the arrays, where they came from, the sizes of the splits."""
+
+    name: str
+    digest: str
+    source: str
+    sizes: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, dataset) -> DatasetRecord:
+        digest = hashlib.sha256()
+        for split in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            digest.update(getattr(dataset, split).tobytes())
+        sizes = (("train", len(dataset.y_train)), ("validation", len(dataset.y_val)),
+                 ("test", len(dataset.y_test)))
+        return cls(dataset.name, digest.hexdigest()[:16], dataset.source, sizes)
+
+    def input(self) -> DatasetInput:
+        profile = json.dumps({f"{split}_size": n for split, n in self.sizes})
+        source = json.dumps({"uri": self.source})
+        return DatasetInput(Dataset(self.name, self.digest, "local", source, profile=profile),
+                            tags=[InputTag("mlflow.data.context", "training")])
 
 
 _ACTIVE: MlflowTracker | None = None
@@ -380,7 +527,7 @@ def describe_left(left: list[str]) -> str:
     for who, ops in groups.items():
         epochs = [int(op.split()[1]) for op in ops if op.startswith("epoch ") and
                   op.split()[1].isdigit()]
-        rest = [op for op in ops if op and not op.startswith("epoch ")]
+        rest = list(dict.fromkeys(op for op in ops if op and not op.startswith("epoch ")))
         span = [f"epochs {min(epochs)}-{max(epochs)}" if len(epochs) > 1 else f"epoch {epochs[0]}"
                 ] if epochs else []
         parts.append(f"{who}: {', '.join(span + rest)}" if span + rest else who)

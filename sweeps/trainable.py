@@ -63,7 +63,8 @@ class StudyTrial(tune.Trainable):
                 return {"epoch": len(err.history) + 1, self.spec.metric: math.nan,
                         "trial/diverged": 1.0, "trial/failure": str(err), "done": True}
         return {**metrics, "trial/placement": self.placement, "done": self.trainer.done,
-                "worker/peak_rss_mb": peak_rss_mb()}
+                "trial/gpu_share": str(self.spec.resources.gpus), "worker/peak_rss_mb": peak_rss_mb(),
+                **gpu_peak_mb(self.devices)}
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         self.trainer.save(checkpoint_dir)
@@ -115,6 +116,17 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this worker process so far (Linux reports ru_maxrss in KiB); with
     reused workers it shows whether trials leave memory behind."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_peak_mb(devices: list[str]) -> dict[str, float]:
+    """Peak GPU memory TensorFlow allocated on this trial's GPUs so far (none without a GPU)."""
+    import tensorflow as tf
+
+    if not devices:
+        return {}
+    peak = sum(tf.config.experimental.get_memory_info(d.replace("/gpu", "GPU"))["peak"]
+               for d in devices)
+    return {"worker/gpu_peak_mb": peak / 2**20}
 
 
 def gpu_memory_mb(gpu_id: str) -> int | None:

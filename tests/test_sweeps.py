@@ -75,6 +75,33 @@ def test_every_shipped_spec_runs_end_to_end_at_smoke_size(path, tmp_path):
         assert set(child.data.params) >= {"activation.kind", "model.arch", "seed", "budget.epochs"}
         placement = json.loads(child.data.tags["trial.placement"])
         assert placement["cpus"] == spec.resources.cpus
+    assert_summary(spec, env, children)
+
+
+def assert_summary(spec, env, children):
+    """The parent run summarises the sweep; every child says what it trained on and with what."""
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [parent] = [r for r in runs(env, spec.experiment) if r.data.tags["sweep.role"] == "parent"]
+    tags, metrics = parent.data.tags, parent.data.metrics
+    assert tags["mlflow.note.content"] == (spec.description.strip() or f"Sweep of {spec.path}")
+    assert tags["mlflow.source.name"] == spec.path and tags["mlflow.source.git.commit"]
+    ended = [c.data.tags["trial.ended"] for c in children]
+    assert metrics["trials/finished"] == ended.count("budget")
+    assert metrics["trials/stopped_early"] == ended.count("scheduler")
+    assert metrics["trials/failed"] == ended.count("failed") + ended.count("diverged")
+    assert metrics["trials/total"] == spec.num_trials
+    last = {c.data.tags["trial.id"]: c.data.metrics[spec.metric] for c in children}
+    best = (max if spec.mode == "max" else min)(last.values())
+    assert metrics[f"best/{spec.metric}"] == best and last[tags["best.trial.id"]] == best
+    data = spec.trial_config({}).data
+    for child in children:
+        assert child.data.tags["mlflow.note.content"]  # its variant or its sampled settings
+        assert child.data.metrics["worker/peak_rss_mb"] > 0
+        [used] = client.get_run(child.info.run_id).inputs.dataset_inputs
+        sizes = json.loads(used.dataset.profile)
+        assert used.dataset.name == data.name and len(used.dataset.digest) == 16
+        assert sizes["validation_size"] > 0 and sizes["test_size"] > 0
+        assert sizes["train_size"] == (data.train_size or sizes["train_size"])
 
 
 def test_each_run_keeps_its_full_history_and_the_saved_model(tmp_path):
