@@ -129,9 +129,12 @@ mlflow-server-down: ## Stop the server and the database of mlflow-server
 bench: setup data ## The six benchmarks, side by side; writes bench/results.json and bench/results.md
 	$(PY) bench/run.py
 
+# Without MLflow's job workers (seven processes, ~1.7 GB, for GenAI scorers and trace jobs): a browse
+# of the runs does not use them.
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs
-	$(VENV)/bin/mlflow server --workers 1 --backend-store-uri $(LOCAL_TRACKING) \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+	  $(VENV)/bin/mlflow server --workers 1 --backend-store-uri $(LOCAL_TRACKING) \
 	  --artifacts-destination $(CURDIR)/runs/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 clean: ## Remove caches and run outputs (keeps the virtual environment)

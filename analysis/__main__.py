@@ -24,12 +24,11 @@ EXPORT = PROJECT / "paper" / "runs"
 def default_source(experiments: list[str]) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if LOCAL_STORE.exists():
-        import sqlite3
+    if LOCAL_STORE.exists():  # checked first: opening a store that does not exist would create it
+        from mlflow import MlflowClient
 
-        with sqlite3.connect(LOCAL_STORE) as db:
-            names = {row[0] for row in db.execute("select name from experiments")}
-        if names & set(experiments):
+        client = MlflowClient(f"sqlite:///{LOCAL_STORE}")
+        if any(client.get_experiment_by_name(name) for name in experiments):
             return f"sqlite:///{LOCAL_STORE}"
     return str(EXPORT)
 

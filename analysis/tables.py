@@ -1,7 +1,8 @@
 """The paper's tables: aggregates over seeds, written as Markdown and LaTeX (booktabs) with provenance.
 
-For a metric x over the n seeds of a group: mean, sample std s, and the 95% interval
-mean +- t(0.975, n - 1) * s / sqrt(n) (no interval for n = 1).
+For a metric x over the n seeds of a group: mean, sample std s, and the 95% Student t interval
+mean +- t(0.975, n - 1) * s / sqrt(n) (scipy.stats; no interval for n = 1). The LaTeX is pandas'
+Styler's, with its escaping.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from pandas.io.formats.style_render import _escape_latex
 from scipy import stats
 
 from analysis.runs import Runs
@@ -34,14 +36,13 @@ class Table:
                           ""])
 
     def latex(self) -> str:
-        columns = [_tex(c) for c in self.frame.columns]
-        rows = [" & ".join(_tex(v) for v in row) + r" \\" for row in
-                self.frame.itertuples(index=False)]
-        return "\n".join([f"% {self.provenance}", r"\begin{table}[t]", r"\centering",
-                          rf"\caption{{{_tex(self.title)}}}", rf"\label{{tab:{self.name}}}",
-                          r"\begin{tabular}{" + "l" * len(columns) + "}", r"\toprule",
-                          " & ".join(columns) + r" \\", r"\midrule", *rows, r"\bottomrule",
-                          r"\end{tabular}", r"\end{table}", ""])
+        """A booktabs table float (pandas' Styler), preceded by the provenance as a comment."""
+        styler = (self.frame.style.hide(axis="index")
+                  .format(_signs, escape="latex").format_index(_signs, escape="latex", axis=1))
+        table = styler.to_latex(caption=_signs(_escape_latex(self.title)), label=f"tab:{self.name}",
+                                position="t", position_float="centering", hrules=True,
+                                column_format="l" * len(self.frame.columns))
+        return f"% {self.provenance}\n{table}"
 
     def write(self, folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
@@ -68,8 +69,13 @@ def summarize(values: pd.Series) -> dict[str, float]:
     n = len(x)
     mean = float(x.mean()) if n else math.nan
     std = float(x.std(ddof=1)) if n > 1 else math.nan
-    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
-    return {"mean": mean, "std": std, "n": n, "lo": mean - half, "hi": mean + half}
+    lo = hi = math.nan
+    if n > 1:
+        sem = stats.sem(x)
+        # scipy gives no interval for a zero spread (scale 0); its width is zero
+        lo, hi = (mean, mean) if sem == 0 else map(float, stats.t.interval(0.95, n - 1, loc=mean,
+                                                                            scale=sem))
+    return {"mean": mean, "std": std, "n": n, "lo": lo, "hi": hi}
 
 
 def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, str]) -> pd.DataFrame:
@@ -236,10 +242,10 @@ def _label(column: str) -> str:
         column, column.removeprefix("params.").removeprefix("activation."))
 
 
-def _tex(value) -> str:
+def _signs(value) -> str:
+    """After pandas' LaTeX escaping: the non-ASCII signs of the cells as LaTeX."""
     text = str(value)
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"),
-                 ("#", r"\#"), ("±", r"$\pm$"), ("—", "--"), ("≥", r"$\geq$")):
-        text = text.replace(a, b)
+    for sign, tex in (("±", r"$\pm$"), ("—", "--"), ("≥", r"$\geq$")):
+        text = text.replace(sign, tex)
     return text
 

@@ -1,5 +1,6 @@
 """Analysis on the runs of the paper's smoke sweeps: the tables' numbers against values recomputed
-straight from MLflow, store and export giving identical files, the notebooks executing."""
+straight from MLflow, store and export giving identical files, the notebooks executing (slow); the
+interval, the LaTeX and the default source on their own (fast)."""
 
 import filecmp
 import os
@@ -8,15 +9,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from scipy import stats
 
+import analysis.__main__ as cli
 from analysis.paper import SPECS
+from analysis.tables import Table, summarize
 
 from .conftest import ROOT
 from .sweep_helpers import run_sweep, sweep_env
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def mlflow_values(env, experiment, tags, params, metric):
     return [r.data.metrics[metric] for r in client.search_runs([exp.experiment_id], query)]
 
 
+@pytest.mark.slow
 def test_tables_match_mlflow_and_store_and_export_agree(store):
     tmp, env = store
     out = analysis(env, "tables", "--smoke", "--out", str(tmp / "a"))
@@ -100,6 +104,7 @@ def _identical(compare: filecmp.dircmp) -> bool:
             and all(_identical(sub) for sub in compare.subdirs.values()))
 
 
+@pytest.mark.slow
 def test_notebooks_execute(store, tmp_path):
     tmp, env = store
     env = {**env, "ANALYSIS_SOURCE": env["MLFLOW_TRACKING_URI"], "ANALYSIS_SMOKE": "1",
@@ -116,6 +121,7 @@ def test_notebooks_execute(store, tmp_path):
     assert os.path.exists(tmp_path / "out" / "tables" / "t1_main.md")
 
 
+@pytest.mark.slow
 def test_committed_paper_files_regenerate_byte_for_byte_from_the_export(tmp_path):
     env = {**os.environ}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -123,3 +129,59 @@ def test_committed_paper_files_regenerate_byte_for_byte_from_the_export(tmp_path
     for part in ("tables", "figures"):
         assert _identical(filecmp.dircmp(ROOT / "paper" / part, tmp_path / part)), part
     assert (ROOT / "paper" / "checks.md").read_bytes() == (tmp_path / "checks.md").read_bytes()
+
+
+@pytest.mark.parametrize("values", [[0.81, 0.83, 0.86], [0.5, 0.52], [0.1, 0.1, 0.1], [0.7, 0.7]])
+def test_summarize_is_the_student_t_interval(values):
+    x = np.array(values)
+    got = summarize(pd.Series([*values, np.nan]))
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    assert got["n"] == len(x) and got["mean"] == pytest.approx(x.mean())
+    assert got["std"] == pytest.approx(x.std(ddof=1))
+    assert got["lo"] == pytest.approx(x.mean() - half, abs=1e-12)
+    assert got["hi"] == pytest.approx(x.mean() + half, abs=1e-12)
+
+
+def test_summarize_of_one_or_no_value_has_no_interval():
+    one = summarize(pd.Series([0.5]))
+    assert one["mean"] == 0.5 and one["n"] == 1
+    assert all(np.isnan(one[k]) for k in ("std", "lo", "hi"))
+    assert summarize(pd.Series([np.nan]))["n"] == 0
+
+
+def test_latex_is_an_escaped_booktabs_table_with_its_provenance():
+    frame = pd.DataFrame({"p \\ slope": ["0.5", "1"], "hard_sigmoid": ["0.8 ± 0.1", "—"],
+                          "95% CI": ["[0.7, 0.9]", "a & b #1"], "seeds": [3, 1]})
+    tex = Table("t9_x", "T9 mean ± std, p ≥ 0.5 & 10% of it", frame, "MLflow experiment e; 4 runs").latex()
+    assert tex.splitlines() == [
+        "% MLflow experiment e; 4 runs",
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\caption{T9 mean $\pm$ std, p $\geq$ 0.5 \& 10\% of it}",
+        r"\label{tab:t9_x}",
+        r"\begin{tabular}{llll}",
+        r"\toprule",
+        r"p \textbackslash \space slope & hard\_sigmoid & 95\% CI & seeds \\",
+        r"\midrule",
+        r"0.5 & 0.8 $\pm$ 0.1 & [0.7, 0.9] & 3 \\",
+        r"1 & -- & a \& b \#1 & 1 \\",
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
+    assert tex.endswith("\\end{table}\n")
+
+
+def test_default_source_reads_the_local_store_through_mlflow_and_never_creates_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "runs" / "mlflow.db"
+    monkeypatch.setattr(cli, "LOCAL_STORE", store)
+    assert cli.default_source(["t1-main"]) == str(cli.EXPORT)
+    assert not store.exists() and not store.parent.exists()
+
+    store.parent.mkdir()
+    MlflowClient(f"sqlite:///{store}").create_experiment("t1-main")
+    assert cli.default_source(["t1-main", "t2-grid"]) == f"sqlite:///{store}"
+    assert cli.default_source(["t2-grid"]) == str(cli.EXPORT)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert cli.default_source(["t2-grid"]) == "http://127.0.0.1:5001"

@@ -19,8 +19,8 @@ as_db_owner() {  # PostgreSQL refuses to run as root: use its own system user th
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- env PGPASSFILE="$PGPASSFILE" "$@"; else "$@"; fi
 }
 
-start_mlflow() {
-  setsid "$ROOT/.venv/bin/mlflow" server --workers 2 \
+start_mlflow() {  # without MLflow's job workers (GenAI scorers, trace jobs): the study does not use them
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$ROOT/.venv/bin/mlflow" server --workers 2 \
     --backend-store-uri "postgresql+psycopg2://mlflow@127.0.0.1:$PG_PORT/mlflow" \
     --artifacts-destination "$DIR/artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" \
     >>"$DIR/mlflow.log" 2>&1 </dev/null &
