@@ -133,6 +133,8 @@ bench: setup data ## The six benchmarks, side by side; writes bench/results.json
 # of the runs does not use them.
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs
+	@echo "MLflow UI: the runs of each experiment (Ctrl-C stops the server):"
+	@$(PY) -m sweeps ui --tracking-uri $(LOCAL_TRACKING) --base http://127.0.0.1:$(UI_PORT)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
 	  $(VENV)/bin/mlflow server --workers 1 --backend-store-uri $(LOCAL_TRACKING) \
 	  --artifacts-destination $(CURDIR)/runs/mlartifacts --host 127.0.0.1 --port $(UI_PORT)

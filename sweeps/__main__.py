@@ -4,6 +4,7 @@
            interrupted sweep) on local Ray or $RAY_ADDRESS, recording into $MLFLOW_TRACKING_URI
            (default: runs/mlflow.db), with trial storage in $STORAGE (default: runs/ray)
     check  validate specs only (exit status 2 and one line per bad spec)
+    ui     print where the MLflow UI shows each experiment's runs
 """
 
 from __future__ import annotations
@@ -31,7 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--smoke", action="store_true")
     check.add_argument("--reachable", action="store_true",
                        help="also check that $RAY_ADDRESS and $MLFLOW_TRACKING_URI answer")
+    ui = commands.add_parser("ui", help="print the address of each experiment's runs in the UI")
+    ui.add_argument("--tracking-uri", required=True)
+    ui.add_argument("--base", required=True, help="the UI's address, e.g. http://127.0.0.1:5000")
     args = parser.parse_args(argv)
+    if args.command == "ui":
+        from sweeps.ui import addresses
+
+        found = addresses(args.tracking_uri, args.base)
+        for name, address in found:
+            print(f"  {name}: {address}")
+        if not found:
+            print(f"  {args.base} (no runs yet: make sweep)")
+        return 0
 
     from sweeps.spec import SpecError, load_spec
 

@@ -34,6 +34,7 @@ from ray import tune
 
 from study.config import flat_to_strings
 from study.names import EPOCH_METRICS, FINAL_METRICS, TRIAL_CONSTANTS
+from sweeps import ui
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def close_stale_runs(client: MlflowClient, exp_id: str, sweep_id: str, role: str
 
 
 def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[str, str]) -> str:
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{ui.VIEW}", ui.view_state(spec.metric))
     existing = find_runs(client, exp_id, {"sweep.id": spec.sweep_id, "sweep.role": "parent"})
     if existing:
         run_id = existing[0].info.run_id

@@ -132,13 +132,24 @@ def test_mlflow_ui_shows_the_sweep_in_a_browser(stack):
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(f"{base}/#/experiments/{experiment.experiment_id}/runs")
+        page = browser.new_page(viewport={"width": 2400, "height": 900})
+        printed = subprocess.run(  # what `make ui` prints, for this server
+            [ROOT / ".venv" / "bin" / "python", "-m", "sweeps", "ui", "--tracking-uri", base,
+             "--base", base], capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
+        [address] = [line.split(": ", 1)[1] for line in printed.splitlines()
+                     if line.strip().startswith("cluster-smoke: ")]
+        page.goto(address)
         page.get_by_text(re.compile(r"^cluster-smoke-[0-9a-f]{8}$")).first.wait_for(timeout=60_000)
+        assert "/runs" in page.url and "Model training" in page.content()
         page.get_by_text(f"{len(children(env, spec)) + 1} matching runs").wait_for(timeout=30_000)
+        for column in ("best/val/accuracy_binary", "trials/finished", "trials/failed", "Dataset",
+                       "Source", "Description"):  # the parent's summary and MLflow's own columns
+            page.get_by_text(column, exact=True).first.wait_for(timeout=30_000)
+        page.get_by_text("Sweep of tests/specs/cluster_smoke.yaml").first.wait_for(timeout=30_000)
         page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # expand
         for child in children(env, spec):
             page.get_by_text(child.info.run_name, exact=True).wait_for(timeout=30_000)
+        page.get_by_text(re.compile(r"^synthetic \([0-9a-f]{16}\)$")).first.wait_for(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow-experiment.png"))
         page.goto(f"{base}/#/experiments/{experiment.experiment_id}/runs/{trial.info.run_id}"
                   "/model-metrics")
