@@ -26,7 +26,7 @@ import pandas as pd
 from study.names import EPOCH_METRICS, FINAL_METRICS, TRIAL_CONSTANTS
 
 HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, *TRIAL_CONSTANTS)
-EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "trial.id", "trial.variant",
+EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "trial.id", "trial.variant", "trial.setting",
                  "trial.epochs", "trial.stopped_early", "trial.failure", "seed", "spec.path",
                  "spec.hash", "git.commit", "git.dirty")
 _ORDER = ["experiment", "tags.sweep.id", "tags.sweep.role", "tags.trial.id", "run_id"]

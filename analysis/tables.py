@@ -109,6 +109,18 @@ def finished(runs: Runs) -> pd.DataFrame:
     return full.assign(gap=full["metrics.test/accuracy_soft"] - full["metrics.test/accuracy_binary"])
 
 
+def by_setting(trials: pd.DataFrame, metrics: dict[str, str]) -> pd.DataFrame:
+    """Repeated seeds of a searcher's sweep (`seeds: [...]` under tpe/qmc): one row per sampled
+    setting (the tag `trial.setting` its seeds share), with each metric's mean, std, n and 95%
+    interval over the seeds, best mean first by the first metric; the setting's parameters beside."""
+    params = [c for c in trials.columns if c.startswith("params.") and c != "params.seed"]
+    table = aggregate(trials, ["tags.trial.setting"], metrics)
+    shown = trials.drop_duplicates("tags.trial.setting").set_index("tags.trial.setting")[params]
+    table = table.join(shown, on="tags.trial.setting")
+    first = next(iter(metrics))
+    return table.sort_values(f"{first}.mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def pm(mean: float, std: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "—"

@@ -22,7 +22,7 @@ from study.data import DatasetError, load
 from sweeps import interrupt, resources, tracking
 from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
-from sweeps.space import DefineByRun, sampler
+from sweeps.space import DefineByRun, Repeats, sampler
 from sweeps.spec import SweepSpec
 from sweeps.trainable import StudyTrial
 
@@ -211,12 +211,12 @@ def _param_space(spec: SweepSpec) -> dict:
 def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
     search_alg, samples = None, 1
     if spec.search.algorithm != "grid":
-        search_alg = ConcurrencyLimiter(
-            OptunaSearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
-                         sampler=sampler(spec)),
-            max_concurrent=spec.search.max_concurrent,
-        )
-        samples = spec.search.samples
+        searcher = OptunaSearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
+                                sampler=sampler(spec))
+        if len(spec.seeds) > 1:
+            searcher = Repeats(searcher, repeat=len(spec.seeds))
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+        samples = spec.num_trials
     scheduler = None
     if spec.scheduler.name == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.epochs,

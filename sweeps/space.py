@@ -1,10 +1,13 @@
-"""From a spec's space to Ray Tune: Optuna define-by-run (conditional spaces) or a grid of trials."""
+"""From a spec's space to Ray Tune: Optuna define-by-run (conditional spaces), repeated over seeds
+or not, or a grid of trials."""
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import optuna
+from ray.tune.search import Repeater
 
 from sweeps.spec import SweepSpec, encode_choice
 
@@ -12,7 +15,8 @@ from sweeps.spec import SweepSpec, encode_choice
 class DefineByRun:
     """The space as an Optuna define-by-run function (picklable, for Tune's searcher checkpoints):
     an entry is sampled only where its `when` holds, so architecture-specific keys exist only for
-    their architecture. Returns the constant settings (the seed)."""
+    their architecture. Returns the constant settings (the seed, unless each setting is repeated
+    over the spec's seeds: `Repeats`)."""
 
     def __init__(self, spec: SweepSpec):
         self.spec = spec
@@ -32,7 +36,23 @@ class DefineByRun:
             else:
                 choice = trial.suggest_categorical(dim.key, [encode_choice(v) for v in dim.values])
                 sampled[dim.key] = next(v for v in dim.values if encode_choice(v) == choice)
-        return {"seed": spec.seeds[0]}
+        return {"seed": spec.seeds[0]} if len(spec.seeds) == 1 else {}  # else: one per repeat
+
+
+class Repeats(Repeater):
+    """Ray Tune's Repeater (each suggestion run once per seed, the searcher told the mean of the
+    repeats' last results) whose checkpoint also keeps its groups, so a resumed sweep still knows
+    which trials repeat which setting (the stock one saves only the searcher inside)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"searcher": self.searcher.__dict__.copy(), "repeats": self.get_state()}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.searcher.__dict__.update(state["searcher"])
+        self.set_state(state["repeats"])
 
 
 def sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:

@@ -60,6 +60,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 ALGORITHMS = ("tpe", "qmc", "grid")
 SCHEDULERS = ("asha", "none")
 MAX_TRIALS = 1000  # the default of `max_trials`
+REPEAT_INDEX = "__trial_index__"  # Ray Tune's Repeater: the repeat of a sampled setting
 MAX_NAME = 64  # the sweep id, MLflow experiment and run names and storage folders derive from it
 _TOP_KEYS = ("name", "description", "metric", "mode", "fixed", "space", "variants", "search",
              "scheduler", "seeds", "resources", "max_failures", "save_model", "max_trials", "smoke")
@@ -162,6 +163,8 @@ class SweepSpec:
         """The full trial config: TensorFlow threads = the trial's CPUs, the fixed settings, then the
         sampled ones (choice lists decoded; a grid trial's settings arrive under "trial")."""
         sampled = {k: v for k, v in sampled.get("trial", sampled).items() if k != "variant"}
+        if REPEAT_INDEX in sampled:  # a repeated setting under tpe/qmc: its index picks the seed
+            sampled["seed"] = self.seeds[sampled.pop(REPEAT_INDEX)]
         threads = {"runtime.threads": max(1, int(self.resources.cpus))}
         flat = {**threads, **self.fixed, **{k: decode_choice(v) for k, v in sampled.items()}}
         return TrialConfig.from_flat(flat)
@@ -179,9 +182,10 @@ class SweepSpec:
 
     @cached_property
     def num_trials(self) -> int:
-        """Counted without listing them: a grid has variants x points (under `when`) x seeds."""
+        """Counted without listing them: a grid has variants x points (under `when`) x seeds; a
+        searcher's sweep samples x seeds (each sampled setting once per seed)."""
         if self.search.algorithm != "grid":
-            return self.search.samples
+            return self.search.samples * len(self.seeds)
         settings = _explore(self.space, _bases(self.fixed, self.variants), _failer(self.path))
         return sum(points for *_, points in settings) * len(self.seeds)
 
@@ -245,6 +249,7 @@ def parse_spec(raw: Any, where: str, digest: str | None = None, smoke: bool = Fa
     _check_search(search, fail)
     scheduler, resources = _parse_scheduler(raw, fixed, fail), _parse_resources(raw, fail)
     seeds = _parse_seeds(raw.get("seeds", [0]), search, fail)
+    _check_repeats(seeds, search, scheduler, fail)
     variants = _parse_variants(_mapping(raw.get("variants", {}), "variants", fail), fixed, search, fail)
     space = _parse_space(_mapping(raw.get("space", {}), "space", fail), fixed, variants, search, fail)
     if not space and not variants and len(seeds) == 1:
@@ -450,9 +455,17 @@ def _parse_seeds(seeds: Any, search: Search, fail) -> tuple[int, ...]:
         fail("seeds", f"expected a non-empty list of distinct integers >= 0, got {_show(seeds)}")
     for seed in seeds:
         _check_value("seed", seed, "seeds", fail)
-    if len(seeds) > 1 and search.algorithm != "grid":
-        fail("seeds", "several seeds need search.algorithm: grid (a searcher samples one seed)")
     return tuple(seeds)
+
+
+def _check_repeats(seeds: tuple, search: Search, scheduler: Scheduler, fail) -> None:
+    """Under tpe/qmc, several seeds repeat each sampled setting once per seed and the searcher is
+    told their mean; a scheduler that stops trials early (asha) would cut some seeds of a setting
+    short and mix budgets into that mean, so repeats run with scheduler: none only."""
+    if len(seeds) > 1 and search.algorithm != "grid" and scheduler.name != "none":
+        fail("seeds", f"repeated seeds under {search.algorithm} need scheduler: none ("
+                      f"{scheduler.name} would stop some seeds of a setting early and the searcher "
+                      "is told their mean)")
 
 
 def _parse_variants(raw: dict, fixed: dict, search: Search, fail) -> dict[str, dict[str, Any]]:
@@ -630,9 +643,11 @@ def _check_size(search: Search, settings: list[tuple], seeds: tuple, limit: int,
             fail("max_trials", f"the grid has {trials} trials (variants x grid points x seeds), "
                                f"above the limit of {limit}: shrink it, or raise the limit with a "
                                f"top-level `max_trials: {trials}`")
-    elif search.samples > limit:
-        fail("search.samples", f"{search.samples} trials, above the limit of {limit}: lower it, or "
-                               f"raise the limit with a top-level `max_trials: {search.samples}`")
+    elif search.samples * len(seeds) > limit:
+        trials = search.samples * len(seeds)
+        each = f" ({search.samples} samples x {len(seeds)} seeds)" if len(seeds) > 1 else ""
+        fail("search.samples", f"{trials} trials{each}, above the limit of {limit}: lower it, or "
+                               f"raise the limit with a top-level `max_trials: {trials}`")
 
 
 def _bases(fixed: dict, variants: dict) -> list[tuple[str | None, dict]]:

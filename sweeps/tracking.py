@@ -191,6 +191,12 @@ class Summary:
                 **{f"best.{k}": v for k, v in self.settings.get(best[0], {}).items()}}
 
 
+def setting_id(flat: dict[str, Any]) -> str:
+    """The same for every seed of one setting (the tag `trial.setting` that repeats share)."""
+    setting = {k: v for k, v in flat.items() if k != "seed"}
+    return hashlib.sha256(json.dumps(setting, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
 def _param(text: str) -> Any:
     try:
         return json.loads(text)
@@ -319,6 +325,7 @@ class MlflowTracker(tune.Callback):
             variant = config.get("trial", {}).get("variant")
             if variant is not None:
                 tags["trial.variant"] = variant
+            tags["trial.setting"] = setting_id(trial_config.to_flat())
             settings = self.summary.settings_of(trial_config.to_flat(), variant)
             tags["mlflow.note.content"] = ", ".join(f"{k} {v}" if k == "variant" else f"{k}={v}"
                                                     for k, v in settings.items())

@@ -12,7 +12,7 @@ from mlflow.entities import Metric, Param
 from analysis import runs
 from analysis.__main__ import main
 from analysis.checks import checks
-from analysis.tables import finished
+from analysis.tables import by_setting, finished
 
 EXP = "t3-ablations"
 OLD, LATEST, KILLED = (f"{EXP}-{c * 8}" for c in "abc")
@@ -159,3 +159,15 @@ def test_command_line_says_which_sweep_and_exports_it(tmp_path, capsys):
     exported = runs.load(str(tmp_path / "export"), [EXP])
     assert set(exported.trials["tags.sweep.id"]) == {LATEST} and len(exported.trials) == 6
     assert capsys.readouterr().out.startswith(f"{EXP}: sweep {LATEST} (latest complete of 3;")
+
+
+def test_repeated_seeds_are_grouped_by_their_setting():
+    trials = pd.DataFrame({
+        "tags.trial.setting": ["a", "a", "a", "b", "b", "b"],
+        "params.activation.p": [0.2, 0.2, 0.2, 0.7, 0.7, 0.7], "params.seed": [0, 1, 2] * 2,
+        "metrics.val/accuracy_binary": [0.80, 0.82, 0.84, 0.90, 0.91, 0.92]})
+    table = by_setting(trials, {"val": "metrics.val/accuracy_binary"})
+    assert list(table["tags.trial.setting"]) == ["b", "a"]  # best mean first
+    assert list(table["params.activation.p"]) == [0.7, 0.2] and list(table["val.n"]) == [3, 3]
+    assert table["val.mean"].tolist() == pytest.approx([0.91, 0.82])
+    assert table["val.std"].tolist() == pytest.approx([0.01, 0.02])

@@ -75,7 +75,8 @@ BAD = {
         "space.activation.p.grid: grid values need search.algorithm: grid, not tpe"),
     "range with grid": (edited(**{"search/algorithm": "grid"}),
                         "space.activation.p.uniform: a grid sweep takes grid values"),
-    "several seeds with tpe": (edited(seeds=[0, 1]), "seeds: several seeds need search.algorithm"),
+    "several seeds with tpe and asha": (edited(seeds=[0, 1]),
+                                        "seeds: repeated seeds under tpe need scheduler: none"),
     "variants with tpe": (edited(variants={"a": {"activation.p": 0.0}}),
                           "variants: variants need search.algorithm: grid"),
     "key for another architecture": (
@@ -457,3 +458,29 @@ search: {algorithm: grid}
     assert spec.num_trials == len(spec.grid()) == 2 + 2 * 2
     with pytest.raises(SpecError, match="'cnn' is never a value of model.arch"):
         load_spec(write(tmp_path, spec.file.read_text().replace("[bottleneck]}", "[cnn]}")))
+
+
+def test_repeats_keep_their_groups_through_a_searcher_checkpoint(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.space import Repeats, sampler
+
+    spec = load_spec(write(tmp_path, GOOD.replace("search:", "seeds: [0, 1]\nscheduler: {name: none}"
+                                                                "\nsearch:")))
+
+    def repeats():
+        return Repeats(OptunaSearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
+                                    sampler=sampler(spec)), repeat=2)
+
+    before = repeats()
+    configs = [before.suggest(t) for t in ("a", "b", "c")]
+    assert [c["__trial_index__"] for c in configs] == [0, 1, 0]
+    assert spec.trial_config(configs[1]).seed == 1 and configs[0]["activation.p"] == configs[1][
+        "activation.p"]
+    before.save(str(tmp_path / "state.pkl"))
+    after = repeats()  # a resumed driver
+    after.restore(str(tmp_path / "state.pkl"))
+    after.on_trial_complete("a", {spec.metric: 0.5})
+    after.on_trial_complete("b", {spec.metric: 0.7})  # the group of a and b is told the mean
+    [told] = [t for t in after.searcher._ot_study.trials if t.value is not None]
+    assert told.value == pytest.approx(0.6)

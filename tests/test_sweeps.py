@@ -3,13 +3,16 @@ killed, a trial killed mid-epoch, fractional trials on Ray's logical GPUs."""
 
 import json
 import os
+import pickle
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import keras
+import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -257,3 +260,42 @@ scheduler: {name: none}
     assert failed.info.status == "FAILED"
     assert failed.data.tags["trial.failure"].startswith("train/loss is ")
     assert failed.data.tags["trial.stopped_early"] == "false"
+
+
+def test_repeated_seeds_under_tpe_run_each_setting_once_per_seed_and_tell_the_mean(tmp_path):
+    path = tmp_path / "repeats.yaml"
+    path.write_text("""
+# test spec; make sweep SPEC=this
+name: repeats
+fixed: {data.name: synthetic, budget.epochs: 2, model.widths: [16]}
+space:
+  activation.p: {uniform: [0.0, 1.0]}
+seeds: [0, 1, 2]
+search: {algorithm: tpe, samples: 2, max_concurrent: 2, seed: 0}
+scheduler: {name: none}
+""")
+    env = sweep_env(tmp_path)
+    run_sweep(path, env)
+    spec = load_spec(path)
+    children = assert_complete(spec, env)  # 2 settings x 3 seeds
+    groups: dict[str, list] = {}
+    for child in children:
+        groups.setdefault(child.data.tags["trial.setting"], []).append(child)
+    assert len(groups) == 2 and all(len(g) == 3 for g in groups.values())
+    for group in groups.values():
+        assert sorted(int(c.data.params["seed"]) for c in group) == [0, 1, 2]
+        assert len({c.data.params["activation.p"] for c in group}) == 1
+    [state_file] = (tmp_path / "ray" / spec.sweep_id).glob("searcher-state-*.pkl")
+    study = next(v for v in _objects(pickle.loads(state_file.read_bytes()))
+                 if isinstance(v, optuna.Study))
+    told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    means = sorted(statistics.fmean(c.data.metrics[spec.metric] for c in g) for g in groups.values())
+    assert told == pytest.approx(means)  # the searcher saw one trial per setting: the seeds' mean
+
+
+def _objects(state):
+    """Every value in a searcher's pickled state (nested dicts)."""
+    for value in state.values():
+        yield value
+        if isinstance(value, dict):
+            yield from _objects(value)
