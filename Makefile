@@ -29,7 +29,7 @@ NOTEBOOKS := $(wildcard analysis/notebooks/*.py)
 LOCAL_STACK := sweeps/cluster/local
 
 .PHONY: help setup lock data system-deps test test-fast test-integration lint train sweep ui \
-	paper-sweeps paper tables notebooks bench cluster-up cluster-down mlflow-server mlflow-server-down clean
+	paper-sweeps paper tables notebooks bench dashboard cluster-up cluster-down mlflow-server mlflow-server-down clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -131,6 +131,14 @@ bench: setup data ## The six benchmarks, side by side; writes bench/results.json
 
 # Without MLflow's job workers (seven processes, ~1.7 GB, for GenAI scorers and trace jobs): a browse
 # of the runs does not use them.
+STUDIES ?= sqlite:///$(CURDIR)/runs/optuna.db
+DASHBOARD_PORT ?= 8080
+dashboard: setup ## optuna-dashboard of the sweeps' Optuna studies (runs/optuna.db) on http://127.0.0.1:8080 [STUDIES=...] [DASHBOARD_PORT=...]
+	@case "$(STUDIES)" in sqlite:///*) test -f "$(patsubst sqlite:///%,%,$(STUDIES))" || \
+	  { echo "error: no Optuna studies yet ($(patsubst sqlite:///%,%,$(STUDIES))): run a tpe or qmc sweep first"; exit 2; };; esac
+	@echo "optuna-dashboard: http://127.0.0.1:$(DASHBOARD_PORT)/dashboard (one study per sweep id; Ctrl-C stops it)"
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) "$(STUDIES)"
+
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs
 	@echo "MLflow UI: the runs of each experiment (Ctrl-C stops the server):"

@@ -15,14 +15,13 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from study.config import TrialConfig
 from study.data import DatasetError, load
 from sweeps import interrupt, resources, tracking
 from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
-from sweeps.space import DefineByRun, Repeats, sampler
+from sweeps.space import DefineByRun, Repeats, StudySearch, sampler, study_storage
 from sweeps.spec import SweepSpec
 from sweeps.trainable import StudyTrial
 
@@ -34,19 +33,25 @@ class Settings:
     storage: str  # Ray Tune storage: a local or shared path, or s3://...
     tracking_uri: str
     artifact_root: Path | None  # for a local tracking store; a server chooses its own
+    optuna_storage: str | None = None  # the searcher's study (RDB URL); None: in memory
 
     @classmethod
     def from_env(cls) -> Settings:
-        """STORAGE and MLFLOW_TRACKING_URI, defaulting to runs/ray and runs/mlflow.db here; a
-        local SQLite store keeps its artifacts in mlartifacts/ beside it."""
+        """STORAGE, MLFLOW_TRACKING_URI and OPTUNA_STORAGE, defaulting to runs/ray, runs/mlflow.db
+        and runs/optuna.db here; a local SQLite store keeps its artifacts in mlartifacts/ and the
+        Optuna studies in optuna.db beside it. With a tracking server, OPTUNA_STORAGE names the
+        studies' database (the server's PostgreSQL: `make mlflow-server` prints it)."""
         storage = os.environ.get("STORAGE") or str(PROJECT / "runs" / "ray")
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             (PROJECT / "runs").mkdir(exist_ok=True)
             uri = f"sqlite:///{PROJECT / 'runs' / 'mlflow.db'}"
-        if uri.startswith("sqlite:///"):  # artifacts beside a local store, not in the cwd
-            return cls(storage, uri, Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-        return cls(storage, uri, None)
+        studies = os.environ.get("OPTUNA_STORAGE") or None
+        if uri.startswith("sqlite:///"):  # artifacts and studies beside a local store
+            folder = Path(uri.removeprefix("sqlite:///")).parent
+            return cls(storage, uri, folder / "mlartifacts",
+                       studies or f"sqlite:///{folder / 'optuna.db'}")
+        return cls(storage, uri, None, studies)
 
 
 class Interrupted(SweepError):
@@ -193,7 +198,7 @@ def new_tuner(spec: SweepSpec, settings: Settings, dataset, callbacks: list[tune
               ) -> tune.Tuner:
     """The Tuner of a new sweep: StudyTrial on the spec's resources, searcher and scheduler."""
     return tune.Tuner(_trainable(spec, dataset), param_space=_param_space(spec),
-                      tune_config=_tune_config(spec),
+                      tune_config=_tune_config(spec, settings),
                       run_config=_run_config(spec, settings, callbacks))
 
 
@@ -208,11 +213,12 @@ def _param_space(spec: SweepSpec) -> dict:
     return {}
 
 
-def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
+def _tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
     search_alg, samples = None, 1
     if spec.search.algorithm != "grid":
-        searcher = OptunaSearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
-                                sampler=sampler(spec))
+        searcher = StudySearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
+                               sampler=sampler(spec), study_name=spec.sweep_id,
+                               storage=study_storage(settings.optuna_storage))
         if len(spec.seeds) > 1:
             searcher = Repeats(searcher, repeat=len(spec.seeds))
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)

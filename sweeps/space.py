@@ -7,7 +7,9 @@ import pickle
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from ray.tune.search import Repeater
+from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import SweepSpec, encode_choice
 
@@ -39,6 +41,38 @@ class DefineByRun:
         return {"seed": spec.seeds[0]} if len(spec.seeds) == 1 else {}  # else: one per repeat
 
 
+class StudySearch(OptunaSearch):
+    """Ray Tune's OptunaSearch on a study that persists in an RDB storage (named by the sweep id,
+    so optuna-dashboard can show it). A resumed sweep continues the same study: the searcher's
+    checkpoint knows which Optuna trials are its own, and trials the storage holds as RUNNING that
+    it does not know (asked by a driver that died before its next checkpoint; Ray Tune forgets
+    their trials too) are closed FAIL with the user attribute `orphaned`, so none is left
+    running and none counts twice."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        forget_orphans(self)
+
+
+def forget_orphans(searcher: OptunaSearch) -> int:
+    """Close the study's RUNNING trials that `searcher` does not know; how many there were."""
+    study = searcher._ot_study  # Ray Tune keeps no public handle on it
+    if study is None:
+        return 0
+    known = {trial.number for trial in searcher._ot_trials.values()}
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.number not in known]
+    for trial in orphans:
+        study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return len(orphans)
+
+
+def study_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    """The RDB storage of the sweeps' Optuna studies, or None (in memory)."""
+    return optuna.storages.RDBStorage(url) if url else None
+
+
 class Repeats(Repeater):
     """Ray Tune's Repeater (each suggestion run once per seed, the searcher told the mean of the
     repeats' last results) whose checkpoint also keeps its groups, so a resumed sweep still knows
@@ -53,6 +87,7 @@ class Repeats(Repeater):
             state = pickle.load(f)
         self.searcher.__dict__.update(state["searcher"])
         self.set_state(state["repeats"])
+        forget_orphans(self.searcher)
 
 
 def sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from sweeps.spec import load_spec
 
 from .conftest import ROOT
-from .sweep_helpers import assert_complete, runs, steps, wait_for
+from .sweep_helpers import assert_complete, kill_group, run_sweep, runs, steps, sweep_env, wait_for
 
 pytestmark = pytest.mark.integration
 LOCAL = ROOT / "sweeps" / "cluster" / "local"
@@ -228,3 +228,36 @@ def test_resources_no_node_of_the_cluster_has_are_refused_before_submission(stac
     assert "never be placed" in errors[0] and "largest node of the cluster" in errors[0]
     assert "ray job submit" not in out  # refused before a job existed
     assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("too-big") is None
+
+
+def test_make_dashboard_shows_the_persisted_optuna_study_in_a_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    env = sweep_env(tmp_path)
+    run_sweep(ROOT / "sweeps" / "specs" / "quick.yaml", env, "--smoke")
+    spec = load_spec(ROOT / "sweeps" / "specs" / "quick.yaml", smoke=True)
+    port = "8094"
+    proc = subprocess.Popen(["make", "--no-print-directory", "dashboard", f"DASHBOARD_PORT={port}",
+                             f"STUDIES=sqlite:///{tmp_path}/optuna.db"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/api/studies"],
+                                        capture_output=True).returncode == 0, 60, "the dashboard", proc)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/dashboard")
+            page.get_by_text(spec.sweep_id).first.click()  # the study is named by the sweep id
+            page.get_by_text("Hyperparameter Importance").first.wait_for(timeout=60_000)
+            page.get_by_text("activation.p", exact=True).first.wait_for(timeout=30_000)
+            for number in range(spec.num_trials):  # every trial of the sweep, once
+                page.get_by_text(f"trial #{number}", exact=True).first.wait_for(timeout=30_000)
+            assert page.get_by_text(f"trial #{spec.num_trials}", exact=True).count() == 0
+            page.screenshot(path=str(ARTIFACTS / "optuna-dashboard.png"), full_page=True)
+            browser.close()
+    finally:
+        kill_group(proc)

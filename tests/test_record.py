@@ -193,3 +193,27 @@ def test_resources_the_machine_cannot_give_are_refused_before_anything_starts(re
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert (set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()) == sessions
     assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.slow
+def test_the_optuna_study_persists_and_a_resume_after_a_kill_continues_it(tmp_path):
+    import optuna
+
+    path = write_spec(tmp_path, name="study", epochs=6, samples=4)
+    spec, env = load_spec(path), sweep_env(tmp_path)
+    proc = start_sweep(path, env)
+    try:
+        wait_for(lambda: [r for r in trial_runs(env, spec) if r.info.status == "FINISHED"], 300,
+                 "a finished trial", proc)
+    finally:
+        kill_group(proc)  # the driver dies with trials running and asked
+    run_sweep(path, env)  # the same command again
+    children = assert_complete(spec, env)
+    study = optuna.load_study(study_name=spec.sweep_id, storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = [t.state for t in study.trials]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert len(complete) == spec.num_trials  # one per trial, none lost, none twice
+    assert all(t.user_attrs.get("orphaned") for t in study.trials if t not in complete)
+    assert sorted(t.value for t in complete) == pytest.approx(
+        sorted(c.data.metrics[spec.metric] for c in children))

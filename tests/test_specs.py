@@ -484,3 +484,29 @@ def test_repeats_keep_their_groups_through_a_searcher_checkpoint(tmp_path):
     after.on_trial_complete("b", {spec.metric: 0.7})  # the group of a and b is told the mean
     [told] = [t for t in after.searcher._ot_study.trials if t.value is not None]
     assert told.value == pytest.approx(0.6)
+
+
+def test_a_restored_study_search_closes_the_trials_asked_after_its_checkpoint(tmp_path):
+    from sweeps.space import StudySearch, sampler, study_storage
+
+    spec = load_spec(write(tmp_path, GOOD))
+    url = f"sqlite:///{tmp_path}/optuna.db"
+
+    def searcher():
+        found = StudySearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
+                            sampler=sampler(spec), study_name=spec.sweep_id, storage=study_storage(url))
+        found.set_search_properties(spec.metric, spec.mode, {})
+        return found
+
+    before = searcher()
+    before.suggest("a")
+    before.suggest("b")
+    before.save(str(tmp_path / "state.pkl"))
+    before.suggest("c")  # asked, then the driver dies before the next checkpoint
+    after = searcher()
+    after.restore(str(tmp_path / "state.pkl"))
+    trials = optuna.load_study(study_name=spec.sweep_id, storage=url).trials
+    assert [t.state.name for t in trials] == ["RUNNING", "RUNNING", "FAIL"]
+    assert trials[2].user_attrs == {"orphaned": True}
+    after.on_trial_complete("a", {spec.metric: 0.5})  # the restored searcher goes on with its own
+    assert optuna.load_study(study_name=spec.sweep_id, storage=url).trials[0].value == 0.5
