@@ -178,10 +178,38 @@ def _sqlite_tables(path: Path, timeout: float) -> set[str]:
         connection.close()
 
 
-def _check_database(uri: str, dialect: str, timeout: float) -> None:
+def check_studies(url: str | None, timeout: float = 5.0) -> None:
+    """OPTUNA_STORAGE (the searcher's studies): an SQLite file in a writable folder, or a database
+    server that accepts a connection."""
+    if not url:
+        return
+    dialect = urlparse(url).scheme.lower().split("+")[0]
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
+    try:
+        sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+    except (ImportError, sqlalchemy.exc.ArgumentError) as err:
+        raise SweepError(f"OPTUNA_STORAGE {_masked(url)!r}: SQLAlchemy cannot use it ({_first_line(err)}"
+                         f"; for PostgreSQL write postgresql+psycopg2://...)") from None
+    if dialect == "sqlite":
+        path = Path(url.split("://", 1)[1][1:])
+        problem = (f"folder {path.parent} does not exist" if not path.parent.is_dir() else
+                   _unwritable(path.parent) and f"folder {path.parent} is not writable")
+        if not path.is_absolute() or problem:
+            raise SweepError(f"OPTUNA_STORAGE {url}: {problem or 'expected sqlite:////abs/path.db'}")
+    elif dialect in _DATABASES:
+        _check_database(url, dialect, timeout, "OPTUNA_STORAGE database")
+    else:
+        raise SweepError(f"OPTUNA_STORAGE {_masked(url)!r}: expected sqlite:///... or "
+                         f"postgresql://... (an RDB URL Optuna can use)")
+
+
+def _check_database(uri: str, dialect: str, timeout: float,
+                    what: str = "MLflow tracking database") -> None:
     """A PostgreSQL server accepts the connection (psycopg2, read nothing); other servers a TCP
     connection."""
-    where = f"MLflow tracking database {_masked(uri)}"
+    where = f"{what} {_masked(uri)}"
     if dialect == "postgresql":
         import psycopg2  # psycopg2-binary: a dependency, as MLflow needs it for PostgreSQL
 

@@ -20,7 +20,7 @@ from study.config import TrialConfig
 from study.data import DatasetError, load
 from sweeps import interrupt, resources, tracking
 from sweeps.lock import DriverLock, holder_text
-from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
+from sweeps.preflight import SweepError, check_ray, check_storage, check_studies, check_tracking
 from sweeps.space import DefineByRun, Repeats, StudySearch, sampler, study_storage
 from sweeps.spec import SweepSpec
 from sweeps.trainable import StudyTrial
@@ -69,6 +69,8 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
         raise SweepError(str(err)) from err
     check_tracking(settings.tracking_uri)
     check_storage(settings.storage)
+    if spec.search.algorithm != "grid":
+        check_studies(settings.optuna_storage)
     check_ray(os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         resources.check_fits(spec.resources, [resources.local_node()], "node (this machine)")

@@ -107,6 +107,12 @@ SPEC_DIR = "a folder"  # the spec path is a folder
 # name -> (spec text, bytes, SPEC_DIR or None for the shipped quick spec; extra environment, or a
 # function of the test's folder returning it; expected fragment)
 CASES = {
+    "optuna storage of a missing driver": (None, {"OPTUNA_STORAGE": "postgresql://u@127.0.0.1:9/o"},
+                                           "OPTUNA_STORAGE 'postgresql://u@127.0.0.1:9/o': SQLAlchemy"),
+    "optuna storage in an unwritable folder": (None, {"OPTUNA_STORAGE": "sqlite:////proc/o.db"},
+                                               "folder /proc is not writable"),
+    "optuna storage unreachable": (None, {"OPTUNA_STORAGE": "postgresql+psycopg2://u@127.0.0.1:9/o"},
+                                   "OPTUNA_STORAGE database"),
     "malformed yaml": ("name: q\nfixed: {budget.epochs: 2\n", {}, "not valid YAML"),
     "not a mapping": ("just text\n", {}, "a spec is a mapping"),
     "unknown top-level key": (spec_with(budget={"epochs": 2}), {}, "budget: unknown key"),

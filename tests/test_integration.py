@@ -49,7 +49,8 @@ def stack():
                       "RAY_AUTH_MODE": "token",
                       "RAY_AUTH_TOKEN_PATH": str(tmp / "cluster" / "auth_token"),
                       "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{PORTS['MLFLOW_PORT']}",
-                      "STORAGE": str(tmp / "storage")}
+                      "OPTUNA_STORAGE": f"postgresql+psycopg2://mlflow@127.0.0.1:{PORTS['PG_PORT']}/optuna",
+                      "PGPASSFILE": str(tmp / "mlflow" / "pgpass"), "STORAGE": str(tmp / "storage")}
         yield tmp, env, client_env
     finally:
         subprocess.run([LOCAL / "mlflow-server.sh", "down"], env=env, timeout=120)
@@ -74,7 +75,7 @@ def children(env, spec):
     return [r for r in runs(env, spec.experiment) if r.data.tags.get("sweep.role") == "trial"]
 
 
-def test_a_sweep_submitted_with_make_sweep_runs_on_both_nodes(stack):
+def test_a_sweep_submitted_with_make_sweep_runs_on_both_nodes(stack, monkeypatch):
     _, _, env = stack
     spec = load_spec(SPECS / "cluster_smoke.yaml")
     out = finish(make_sweep(SPECS / "cluster_smoke.yaml", env))
@@ -82,6 +83,11 @@ def test_a_sweep_submitted_with_make_sweep_runs_on_both_nodes(stack):
     done = assert_complete(spec, env)
     nodes = {json.loads(c.data.tags["trial.placement"])["node"] for c in done}
     assert len(nodes) == 2, nodes  # the head and the worker node both ran trials
+    import optuna  # the searcher's study, in the tracking server's PostgreSQL
+
+    monkeypatch.setenv("PGPASSFILE", env["PGPASSFILE"])
+    study = optuna.load_study(study_name=spec.sweep_id, storage=env["OPTUNA_STORAGE"])
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * spec.num_trials
 
 
 def test_services_listen_on_loopback_and_require_the_token(stack):

@@ -60,8 +60,13 @@ case ${1:-} in
     as_db_owner "$PGBIN/psql" -w -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -tAc \
       "select 1 from pg_database where datname = 'mlflow'" | grep -q 1 ||
       as_db_owner "$PGBIN/createdb" -w -h 127.0.0.1 -p "$PG_PORT" -U mlflow mlflow
+    # the sweeps' Optuna studies: their own database on the same server
+    as_db_owner "$PGBIN/psql" -w -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -tAc \
+      "select 1 from pg_database where datname = 'optuna'" | grep -q 1 ||
+      as_db_owner "$PGBIN/createdb" -w -h 127.0.0.1 -p "$PG_PORT" -U mlflow optuna
     start_mlflow
-    echo "MLflow up: MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT (PostgreSQL on 127.0.0.1:$PG_PORT)"
+    echo "MLflow up: MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT (PostgreSQL on 127.0.0.1:$PG_PORT);" \
+      "OPTUNA_STORAGE=postgresql+psycopg2://mlflow@127.0.0.1:$PG_PORT/optuna PGPASSFILE=$PGPASSFILE"
     ;;
   stop-mlflow) stop_mlflow ;;
   start-mlflow) start_mlflow ;;
