@@ -228,6 +228,7 @@ resources: {cpus: 0.5, gpus: 0.5}
     children = assert_complete(load_spec(path), env)
     placements = [json.loads(c.data.tags["trial.placement"]) for c in children]
     assert all(len(p["gpu_ids"]) == 1 and p["gpu_share"] == 0.5 for p in placements)
+    assert all(c.data.tags["trial.gpu_share"] == "0.5" for c in children)
     # no GPU holds more than two half-GPU trials at a time (runs' wall-clock intervals)
     for gpu in {p["gpu_ids"][0] for p in placements}:
         spans = [(c.info.start_time, c.info.end_time) for c, p in zip(children, placements,
