@@ -66,8 +66,7 @@ def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str]
     for name in experiments:
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
-            rows += [_row(name, run) for run in
-                     client.search_runs([experiment.experiment_id], max_results=50_000)]
+            rows += [_row(name, run) for run in _every_run(client, experiment.experiment_id)]
     empty = pd.DataFrame(columns=["run_id", "key", "step", "value"])
     runs = select(_typed(pd.DataFrame(rows), empty), sweeps)
     history = [(trial["run_id"], key, m.step, m.value) for _, trial in runs.trials.iterrows()
@@ -75,6 +74,17 @@ def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str]
                for m in client.get_metric_history(trial["run_id"], key)]
     return Runs(runs.trials, runs.parents, _typed_history(pd.DataFrame(history, columns=empty.columns)),
                 runs.selection)
+
+
+def _every_run(client, experiment_id: str, page: int = 10_000) -> list:
+    """Every run of an experiment, page after page (an MLflow search returns one page at a time)."""
+    found, token = [], None
+    while True:
+        batch = client.search_runs([experiment_id], max_results=page, page_token=token)
+        found += batch
+        if not batch.token:
+            return found
+        token = batch.token
 
 
 def from_export(folder: str | Path, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:

@@ -95,7 +95,18 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -
 def find_runs(client: MlflowClient, exp_id: str, tags: dict[str, str]) -> list:
     """The runs of an experiment carrying all of `tags` (e.g. {"sweep.id": ..., "trial.id": ...})."""
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    return list(client.search_runs([exp_id], filter_string=query, max_results=10_000))
+    return every_run(client, exp_id, query)
+
+
+def every_run(client: MlflowClient, exp_id: str, query: str = "", page: int = 10_000) -> list:
+    """Every run an MLflow search finds, page after page (one page holds at most `page`)."""
+    found, token = [], None
+    while True:
+        batch = client.search_runs([exp_id], filter_string=query, max_results=page, page_token=token)
+        found += batch
+        token = batch.token
+        if not token:
+            return found
 
 
 def close_stale_runs(client: MlflowClient, exp_id: str, sweep_id: str, role: str = "") -> int:

@@ -171,3 +171,10 @@ def test_repeated_seeds_are_grouped_by_their_setting():
     assert list(table["params.activation.p"]) == [0.7, 0.2] and list(table["val.n"]) == [3, 3]
     assert table["val.mean"].tolist() == pytest.approx([0.91, 0.82])
     assert table["val.std"].tolist() == pytest.approx([0.01, 0.02])
+
+
+def test_the_analysis_pages_through_every_run(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = client.create_experiment("paged", artifact_location=str(tmp_path / "a"))
+    made = {client.create_run(exp).info.run_id for _ in range(5)}
+    assert {r.info.run_id for r in runs._every_run(client, exp, page=2)} == made

@@ -131,3 +131,12 @@ def test_a_trial_cut_short_is_killed_and_its_next_start_reopens_it(store):
     assert run.info.status == "FINISHED"
     assert (run.data.tags["trial.epochs"], run.data.tags["trial.ended"]) == ("3", "budget")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+
+
+def test_searches_page_through_every_run(store):
+    uri, client, exp, parent = store
+    for i in range(7):
+        client.create_run(exp, tags={"sweep.id": SPEC.sweep_id, "sweep.role": "trial",
+                                     "trial.id": f"t{i}"})
+    found = tracking.every_run(client, exp, "tags.`sweep.role` = 'trial'", page=3)
+    assert sorted(r.data.tags["trial.id"] for r in found) == [f"t{i}" for i in range(7)]
