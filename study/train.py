@@ -31,6 +31,8 @@ from study.data import Dataset, load
 from study.evaluation import Evaluator
 from study.models import build_network
 
+CHECKPOINT = "state"  # tf.train.Checkpoint's prefix in a checkpoint folder (state.index, state.data-*)
+
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite; `history` holds the epochs completed before."""
@@ -138,21 +140,19 @@ class Trainer:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        values = {f"v{i}": v.numpy() for i, v in enumerate(self._variables())}
-        np.savez(folder / "variables.npz", **values)
+        self._checkpoint().write(str(folder / CHECKPOINT))
         (folder / "history.json").write_text(json.dumps(self.history))
 
     def restore(self, folder: str | Path) -> None:
         folder = Path(folder)
         model = self.network.model
         model.optimizer.build(model.trainable_variables)
-        with np.load(folder / "variables.npz") as saved:
-            variables = self._variables()
-            if len(saved.files) != len(variables):
-                raise ValueError(f"{folder}: checkpoint holds {len(saved.files)} variables, "
-                                 f"the model has {len(variables)}: was it made with another config?")
-            for i, variable in enumerate(variables):
-                variable.assign(saved[f"v{i}"])
+        try:
+            self._checkpoint().read(str(folder / CHECKPOINT)).assert_consumed()
+        except (AssertionError, ValueError, tf.errors.OpError) as err:
+            first = str(err).strip().splitlines()[0][:300]
+            raise ValueError(f"{folder}: the checkpoint does not match this model ({first}): was "
+                             "it made with another config?") from err
         self.history[:] = json.loads((folder / "history.json").read_text())
         self._score_codes()
 
@@ -166,9 +166,14 @@ class Trainer:
         """Evaluate once so the next epoch's flip rate compares with the current codes."""
         self.evaluator(self.data.x_val, self.data.y_val, self.data.scale)
 
-    def _variables(self):
+    def _checkpoint(self) -> tf.train.Checkpoint:
+        """The model's and the optimiser's variables by their place in the object graph, not by
+        position: a model that differs fails to restore instead of receiving another variable's
+        values. Keras' random-generator states are not in that graph: they follow, in the model's
+        order, under `rng`."""
         model = self.network.model
-        return [*model.variables, *model.optimizer.variables]
+        rng = [v for v in model.variables if v.name == "seed_generator_state"]
+        return tf.train.Checkpoint(model=model, optimizer=model.optimizer, rng=rng)
 
 
 Callback = Callable[[int, dict[str, float], Trainer], None]

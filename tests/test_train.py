@@ -158,3 +158,14 @@ def test_cli_bad_input_is_one_line_and_status_2(args, message):
 def test_cli_config_prints_every_applicable_key():
     proc = run_cli("config", "--set", "model.arch=cnn")
     assert proc.returncode == 0 and "model.filters=[32, 64]" in proc.stdout.splitlines()
+
+
+def test_checkpoints_hold_variables_by_name_and_a_model_that_differs_is_refused(tmp_path):
+    import tensorflow as tf
+
+    train(small(**{"budget.epochs": 1}), callbacks=[lambda e, m, s: s.save(tmp_path)])
+    names = [name for name, _ in tf.train.list_variables(str(tmp_path / "state"))]
+    assert any(n.startswith("optimizer/") for n in names) and any(n.startswith("rng/") for n in names)
+    # a model with one variable more (the p ramp's step counter) than the checkpoint holds
+    with pytest.raises(ValueError, match="does not match this model"):
+        train(small(**{"activation.p_ramp_steps": 10}), resume_from=tmp_path)
