@@ -36,21 +36,7 @@ LOCAL_STACK := sweeps/cluster/local
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-# The activation's fused CPU kernels (study/fused.py loads them), rebuilt when their source or the
-# packages change. x86-64: AVX2 without FMA where the CPU has it, so the float arithmetic is that of
-# TensorFlow's own kernels (built for AVX, without FMA); elsewhere the compiler's default target.
-KERNEL := study/kernels/sigmoid_or_binary.so
-KERNEL_ARCH ?= $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo "-mavx2 -mno-fma" || \
-  { grep -qw avx /proc/cpuinfo 2>/dev/null && echo -mavx; })
-
-setup: $(STAMP) $(KERNEL) ## Virtual environment with the pinned packages (requirements.lock), the fused kernels
-
-$(KERNEL): study/kernels/sigmoid_or_binary.cc $(STAMP)
-	@command -v $(CXX) >/dev/null || { echo "error: $(CXX) not found: the fused activation kernels need a C++17 compiler (set CXX=...)"; exit 2; }
-	$(CXX) -std=c++17 -shared -fPIC -O3 $(KERNEL_ARCH) -ffp-contract=off -Wno-deprecated-declarations \
-	  -Wno-ignored-attributes -Wno-interference-size $< -o $@.tmp $$($(PY) -c "import tensorflow as tf; \
-	  print(' '.join(tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()))" 2>/dev/null)
-	@mv $@.tmp $@
+setup: $(STAMP) ## Virtual environment with the pinned packages (requirements.lock)
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
@@ -145,8 +131,6 @@ mlflow-server-down: ## Stop the server and the database of mlflow-server
 bench: setup data ## The six benchmarks, side by side; writes bench/results.json and bench/results.md
 	$(PY) bench/run.py
 
-# Without MLflow's job workers (seven processes, ~1.7 GB, for GenAI scorers and trace jobs): a browse
-# of the runs does not use them.
 STUDIES ?= sqlite:///$(CURDIR)/runs/optuna.db
 DASHBOARD_PORT ?= 8080
 dashboard: setup ## optuna-dashboard of the sweeps' Optuna studies (runs/optuna.db) on http://127.0.0.1:8080 [STUDIES=...] [DASHBOARD_PORT=...]
@@ -155,6 +139,8 @@ dashboard: setup ## optuna-dashboard of the sweeps' Optuna studies (runs/optuna.
 	@echo "optuna-dashboard: http://127.0.0.1:$(DASHBOARD_PORT)/dashboard (one study per sweep id; Ctrl-C stops it)"
 	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) "$(STUDIES)"
 
+# Without MLflow's job workers (seven processes, ~1.7 GB, for GenAI scorers and trace jobs): a browse
+# of the runs does not use them.
 ui: setup ## Serve the MLflow UI of the local store on http://127.0.0.1:5000 (UI_PORT=...)
 	@mkdir -p runs
 	@echo "MLflow UI: the runs of each experiment (Ctrl-C stops the server):"
