@@ -474,7 +474,7 @@ class Writer:
     overtakes it; a write that fails for any other reason (a bug) stops the writer and is raised
     on Ray Tune's thread at the next hook, and by `flush`."""
 
-    MAX_BACKOFF_S = 30.0
+    FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 
     def __init__(self, tracking_uri: str):
         self.tracking_uri = tracking_uri
@@ -482,6 +482,7 @@ class Writer:
         self.lock = threading.Condition()
         self.failure: BaseException | None = None
         self.outage_since: float | None = None
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._work, daemon=True, name="mlflow-writer")
         self.thread.start()
 
@@ -502,12 +503,20 @@ class Writer:
                 raise self.failure
             return [what for what, _ in self.queue]
 
+    def stop(self) -> None:
+        """Give up what is queued and end the thread (what is left stays in `queue`)."""
+        with self.lock:
+            self.stopped.set()
+            self.lock.notify_all()
+
     def _work(self) -> None:
-        delay = 1.0
+        delay = self.FIRST_BACKOFF_S
         while True:
             with self.lock:
-                while not self.queue:
+                while not self.queue and not self.stopped.is_set():
                     self.lock.wait()
+                if self.stopped.is_set():
+                    return
                 what, operation = self.queue[0]
             try:
                 operation()
@@ -518,10 +527,10 @@ class Writer:
                         self.lock.notify_all()
                     return
                 self._outage(err)
-                time.sleep(delay)
+                self.stopped.wait(delay)
                 delay = min(2 * delay, self.MAX_BACKOFF_S)
                 continue
-            delay = 1.0
+            delay = self.FIRST_BACKOFF_S
             with self.lock:
                 self.queue.popleft()
                 if self.outage_since is not None:

@@ -1,7 +1,6 @@
 """The MLflow tracker without Ray: writes leave Ray Tune's thread at once, wait out an unreachable
 server in order, say what is left, surface bugs; closing tags come from the run's history."""
 
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -56,9 +55,13 @@ def test_an_unreachable_server_never_blocks_the_hooks_and_the_driver_says_what_i
         "trial t1: close"]
     assert tracking.describe_left(left) == "trial t1: epochs 1-3, open, close; parent: summary"
     assert tracker.writer.outage_since is not None
+    tracker.writer.stop()  # no retries (with urllib3's random jitter) behind later tests' backs
+    tracker.writer.thread.join(timeout=30)
+    assert not tracker.writer.thread.is_alive()
 
 
 def test_writes_wait_out_an_outage_in_order(monkeypatch):
+    monkeypatch.setattr(tracking.Writer, "FIRST_BACKOFF_S", 0.01)
     writer = tracking.Writer("test")
     done, failures = [], iter([ConnectionError("refused")] * 2)
 
@@ -68,7 +71,6 @@ def test_writes_wait_out_an_outage_in_order(monkeypatch):
             raise error
         done.append("first")
 
-    monkeypatch.setattr(time, "sleep", lambda s: None)  # the back-off, not the test, waits
     writer.submit("a: flaky", flaky)
     writer.submit("a: second", lambda: done.append("second"))
     assert writer.flush(deadline_s=30) == []
