@@ -319,10 +319,15 @@ class MlflowTracker(tune.Callback):
         interruption, retried after an error) has its run RUNNING until it is closed anew."""
         existing = find_runs(self.client, self.exp_id,
                              {"sweep.id": self.spec.sweep_id, "trial.id": trial_id})
+        trial_config = self.spec.trial_config(config)
         if existing:
             run = existing[0]
             run_id = run.info.run_id
             self.last_step[run_id] = max(self._epochs(run_id), default=0)
+            missing = {k: v for k, v in flat_to_strings(trial_config.to_flat()).items()
+                       if k not in run.data.params}  # a driver killed between create and log
+            if missing:
+                self.client.log_batch(run_id, params=[Param(k, v) for k, v in missing.items()])
             if start and run.info.status != "RUNNING":
                 self.client.log_batch(run_id, tags=[RunTag("trial.closed", "false")])
                 self.client.update_run(run_id, status="RUNNING")
@@ -330,7 +335,6 @@ class MlflowTracker(tune.Callback):
                 if start and stale in run.data.tags:
                     self.client.delete_tag(run_id, stale)
         else:
-            trial_config = self.spec.trial_config(config)
             tags = {**self.tags, "sweep.role": "trial", "trial.id": trial_id,
                     "seed": str(trial_config.seed), "mlflow.parentRunId": self.parent_run_id}
             variant = config.get("trial", {}).get("variant")

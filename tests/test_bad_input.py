@@ -222,11 +222,15 @@ def store(tmp_path_factory):
     return folder, uri
 
 
-def ray_sessions_of(pid: int) -> list[str]:
-    """The Ray sessions a driver started (their names end with its process id; other tests may
-    start sessions of their own meanwhile)."""
-    names = os.listdir("/tmp/ray") if os.path.isdir("/tmp/ray") else []
-    return [name for name in names if name.startswith("session_") and name.endswith(f"_{pid}")]
+def ray_sessions() -> set[str]:
+    return set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()
+
+
+def ray_sessions_of(pid: int, before: set[str]) -> list[str]:
+    """The Ray sessions a driver started: new since `before`, named after its process id (other
+    tests may start sessions of their own meanwhile, and an old session may carry a reused pid)."""
+    return [name for name in ray_sessions() - before
+            if name.startswith("session_") and name.endswith(f"_{pid}")]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -252,6 +256,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, store, tmp_pa
     env |= extra(tmp_path) if callable(extra) else extra
     db = Path(folder, "mlflow.db")
     before, files = hashlib.sha256(db.read_bytes()).hexdigest(), snapshot(tmp_path)
+    sessions = ray_sessions()
     proc = subprocess.Popen([sys.executable, "-m", "sweeps", "run", str(spec)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=120)
@@ -259,7 +264,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, store, tmp_pa
     assert proc.returncode == 2, stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
-    assert not ray_sessions_of(proc.pid) and not (tmp_path / "ray").exists()
+    assert not ray_sessions_of(proc.pid, sessions) and not (tmp_path / "ray").exists()
     assert snapshot(tmp_path) == files  # nothing created, nothing changed
 
 

@@ -142,3 +142,15 @@ def test_searches_page_through_every_run(store):
                                      "trial.id": f"t{i}"})
     found = tracking.every_run(client, exp, "tags.`sweep.role` = 'trial'", page=3)
     assert sorted(r.data.tags["trial.id"] for r in found) == [f"t{i}" for i in range(7)]
+
+
+def test_a_run_created_just_before_the_driver_died_gets_its_params_on_resume(store):
+    uri, client, exp, parent = store
+    run = client.create_run(exp, tags={"sweep.id": SPEC.sweep_id, "sweep.role": "trial",
+                                       "trial.id": "t1"})  # killed before its params were logged
+    tracker = tracker_for(store)
+    one = trial()
+    tracker.on_trial_start(0, [one], one)
+    assert tracker.writer.flush(10) == []
+    params = client.get_run(run.info.run_id).data.params
+    assert params["activation.p"] == "0.5" and params["seed"] == "0"
