@@ -16,6 +16,19 @@ from sweeps.spec import SweepSpec
 
 from .conftest import ROOT
 
+# Trials long enough (about 0.5-1 s per epoch on 2 cores) for a kill or a Ctrl-C to land mid-sweep.
+SLOW_TRIALS = """
+# test spec; make sweep SPEC=this
+name: {name}
+fixed: {{data.name: fashion_mnist, data.train_size: 15000, budget.epochs: {epochs}}}
+space:
+  activation.p: {{uniform: [0.0, 1.0]}}
+search: {{algorithm: tpe, samples: {samples}, max_concurrent: 2, seed: 1}}
+scheduler: {{name: none}}
+resources: {{cpus: 1}}
+max_failures: 2
+"""
+
 
 def sweep_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A sweep's environment: its own tracking store, Ray storage and $HOME (Ray's token)."""

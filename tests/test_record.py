@@ -14,6 +14,7 @@ from sweeps.spec import load_spec
 
 from .conftest import ROOT
 from .sweep_helpers import (
+    SLOW_TRIALS,
     assert_complete,
     kill_group,
     run_sweep,
@@ -24,22 +25,10 @@ from .sweep_helpers import (
     wait_for,
 )
 
-# Trials of about 1 s per epoch on 2 cores: long enough to be cut short.
-SPEC = """
-# test spec; make sweep SPEC=this
-name: {name}
-fixed: {{data.name: fashion_mnist, data.train_size: 15000, budget.epochs: {epochs}}}
-space:
-  activation.p: {{uniform: [0.0, 1.0]}}
-search: {{algorithm: tpe, samples: {samples}, max_concurrent: 2, seed: 1}}
-scheduler: {{name: none}}
-resources: {{cpus: 1}}
-"""
-
 
 def write_spec(tmp_path, name="record", epochs=8, samples=3):
     path = tmp_path / f"{name}.yaml"
-    path.write_text(SPEC.format(name=name, epochs=epochs, samples=samples))
+    path.write_text(SLOW_TRIALS.format(name=name, epochs=epochs, samples=samples))
     return path
 
 
@@ -175,7 +164,7 @@ def test_an_edited_spec_after_a_killed_driver_closes_the_old_runs_and_says_so(tm
                          ids=["cpus", "gpu", "gpu-share"])
 def test_resources_the_machine_cannot_give_are_refused_before_anything_starts(resources, tmp_path):
     path = tmp_path / "big.yaml"
-    path.write_text(SPEC.format(name="big", epochs=2, samples=2).replace(
+    path.write_text(SLOW_TRIALS.format(name="big", epochs=2, samples=2).replace(
         "resources: {cpus: 1}", "resources: {" + ", ".join(f"{k}: {v}" for k, v in
                                                            resources.items()) + "}"))
     env = sweep_env(tmp_path, CUDA_VISIBLE_DEVICES="")

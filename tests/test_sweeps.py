@@ -21,6 +21,7 @@ from sweeps.spec import load_spec
 
 from .conftest import ROOT
 from .sweep_helpers import (
+    SLOW_TRIALS,
     assert_complete,
     kill_group,
     run_sweep,
@@ -35,20 +36,6 @@ from .sweep_helpers import (
 
 pytestmark = pytest.mark.slow
 SPECS = sorted((ROOT / "sweeps" / "specs").glob("*.yaml"))
-
-# Trials long enough (about 0.5 s per epoch) for a kill to land mid-sweep.
-SLOW_TRIALS = """
-# test spec; make sweep SPEC=this
-name: {name}
-fixed: {{data.name: fashion_mnist, data.train_size: 15000, budget.epochs: {epochs}}}
-space:
-  activation.p: {{uniform: [0.0, 1.0]}}
-search: {{algorithm: tpe, samples: {samples}, max_concurrent: 2, seed: 1}}
-scheduler: {{name: none}}
-resources: {{cpus: 1}}
-max_failures: 2
-"""
-
 
 def start_one_slow_trial(tmp_path, name: str, epochs: int):
     """A one-trial sweep of SLOW_TRIALS (spec tmp_path/NAME.yaml), started and left running once
