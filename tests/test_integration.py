@@ -27,6 +27,13 @@ PORTS = {"RAY_GCS_PORT": "6391", "RAY_DASHBOARD_PORT": "8276", "RAY_PORT_BASE": 
 ARTIFACTS = ROOT / "runs" / "ci-artifacts"
 
 
+def chromium(playwright):
+    """Debian's chromium, headless, without the background connections this closed network refuses."""
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
 def sh(*args, env, timeout=300):
     proc = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
@@ -135,9 +142,7 @@ def test_mlflow_ui_shows_the_sweep_in_a_browser(stack):
     base = env["MLFLOW_TRACKING_URI"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = chromium(p)
         page = browser.new_page(viewport={"width": 2400, "height": 900})
         printed = subprocess.run(  # what `make ui` prints, for this server
             [ROOT / ".venv" / "bin" / "python", "-m", "sweeps", "ui", "--tracking-uri", base,
@@ -252,9 +257,7 @@ def test_make_dashboard_shows_the_persisted_optuna_study_in_a_browser(tmp_path):
                                         capture_output=True).returncode == 0, 60, "the dashboard", proc)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            browser = chromium(p)
             page = browser.new_page(viewport={"width": 1500, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/dashboard")
             page.get_by_text(spec.sweep_id).first.click()  # the study is named by the sweep id
