@@ -36,7 +36,21 @@ LOCAL_STACK := sweeps/cluster/local
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(STAMP) ## Virtual environment with the pinned packages (requirements.lock)
+# The activation's fused CPU kernels (study/fused.py loads them), rebuilt when their source or the
+# packages change. x86-64: AVX2 without FMA where the CPU has it, so the float arithmetic is that of
+# TensorFlow's own kernels (built for AVX, without FMA); elsewhere the compiler's default target.
+KERNEL := study/kernels/sigmoid_or_binary.so
+KERNEL_ARCH ?= $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo "-mavx2 -mno-fma" || \
+  { grep -qw avx /proc/cpuinfo 2>/dev/null && echo -mavx; })
+
+setup: $(STAMP) $(KERNEL) ## Virtual environment with the pinned packages (requirements.lock), the fused kernels
+
+$(KERNEL): study/kernels/sigmoid_or_binary.cc $(STAMP)
+	@command -v $(CXX) >/dev/null || { echo "error: $(CXX) not found: the fused activation kernels need a C++17 compiler (set CXX=...)"; exit 2; }
+	$(CXX) -std=c++17 -shared -fPIC -O3 $(KERNEL_ARCH) -ffp-contract=off -Wno-deprecated-declarations \
+	  -Wno-ignored-attributes -Wno-interference-size $< -o $@.tmp $$($(PY) -c "import tensorflow as tf; \
+	  print(' '.join(tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()))" 2>/dev/null)
+	@mv $@.tmp $@
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
@@ -128,7 +142,7 @@ mlflow-server: setup system-deps ## MLflow tracking server on PostgreSQL, http:/
 mlflow-server-down: ## Stop the server and the database of mlflow-server
 	$(LOCAL_STACK)/mlflow-server.sh down
 
-bench: setup data ## The six benchmarks, side by side; writes bench/results.json and bench/results.md
+bench: setup data ## The seven benchmarks, side by side; writes bench/results.json and bench/results.md
 	$(PY) bench/run.py
 
 STUDIES ?= sqlite:///$(CURDIR)/runs/optuna.db

@@ -19,6 +19,14 @@ c = 1). p = 0 is an ordinary saturating-sigmoid unit, p = 1 a deterministic sigm
 straight-through estimator. With surrogate "ste" or "hard_sigmoid" and p = 1 the op is exactly the larq
 and BNN quantizer; with p < 1 their soft branch is still sat(z).
 
+Implementation: on CPU, for float32 and outside XLA, the training branch is one fused kernel forward
+(noise, coin, sat and hard in one pass, the draws taken inside it from the Keras seeds) and one fused
+kernel backward (`study.fused`, `study/kernels/sigmoid_or_binary.cc`, built by `make setup`);
+elsewhere, or without the built library, the same formulas run as separate TensorFlow ops. Both draw
+the same coins and (to a few ulps) the same noise from the same seeds: the batch and example coins
+are keras.random.uniform(...) < p, the unit coins the same law from a quarter of the random bits
+(`_unit_coins`), the noise keras.random.normal.
+
 References: Stack Overflow question 62379895 ("different forward and backward propagation in
 TensorFlow 2 and Keras"), whose `sigmoid_or_bin` this generalises; Kaiser & Bengio 2018, "Discrete
 autoencoders for sequence models" (improved semantic hashing, tensor2tensor `discretization.py`);
@@ -31,6 +39,9 @@ import math
 
 import keras
 import tensorflow as tf
+from keras.src.random.seed_generator import draw_seed  # the seed keras.random.* would use
+
+from study import fused
 
 GRANULARITIES = ("batch", "example", "unit")
 SURROGATES = ("sigmoid", "ste", "hard_sigmoid")
@@ -45,13 +56,28 @@ def saturation_threshold(slope: float, cutoff: float) -> float:
 
 
 def hard(x: tf.Tensor) -> tf.Tensor:
-    """The hard 0/1 step 1[x > 0]."""
+    """The hard 0/1 step 1[x > 0] (no gradient flows through it)."""
+    x = tf.convert_to_tensor(x)
+    if fused.usable(x):
+        return tf.stop_gradient(_kernel(x, coin="hard", keep="none")[0])
     return tf.cast(x > 0, x.dtype)
 
 
 def saturating_sigmoid(x: tf.Tensor, slope: float = 1.0, cutoff: float = 1.0) -> tf.Tensor:
-    """sat(x) = clip(c * sigmoid(s x) - (c - 1) / 2, 0, 1)."""
-    return _saturate(tf.sigmoid(_scaled(x, slope)), cutoff)
+    """sat(x) = clip(c * sigmoid(s x) - (c - 1) / 2, 0, 1); its gradient is sat'(x)."""
+    x = tf.convert_to_tensor(x)
+    if not fused.usable(x):
+        return _saturate(tf.sigmoid(_scaled(x, slope)), cutoff)
+
+    @tf.custom_gradient
+    def op(x):  # the op with p = 0; sigmoid(s x) is kept for the gradient only when it is asked for
+        def grad(dy):  # sat'(x): the sigmoid surrogate
+            aux = _kernel(x, coin="soft", keep="sig", slope=slope, cutoff=cutoff)[1]
+            return _kernel_grad(dy, aux, "sigmoid", slope, cutoff)
+
+        return _kernel(x, coin="soft", keep="none", slope=slope, cutoff=cutoff)[0], grad
+
+    return op(x)
 
 
 def surrogate_gradient(
@@ -119,6 +145,8 @@ def sigmoid_or_binary(
     x = tf.convert_to_tensor(x)
 
     def train_branch():
+        if fused.usable(x):
+            return _fused_op(x, p, slope, cutoff, granularity, noise_std, surrogate, seed)
         z = x
         if noise_std > 0:
             z = z + noise_std * keras.random.normal(tf.shape(x), dtype=x.dtype, seed=seed)
@@ -146,6 +174,8 @@ def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
     """B ~ Bernoulli(p) as a boolean tensor broadcastable to z, or a Python bool when p is 0 or 1."""
     if not isinstance(p, tf.Tensor) and p in (0, 1):
         return bool(p)
+    if granularity == "unit":
+        return _unit_coins(tf.shape(z), p, seed)
     if granularity == "batch":
         shape = []
     elif granularity == "example":
@@ -153,6 +183,28 @@ def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
     else:
         shape = tf.shape(z)
     return keras.random.uniform(shape, dtype=z.dtype, seed=seed) < tf.cast(p, z.dtype)
+
+
+def _unit_coins(shape: tf.Tensor, p, seed) -> tf.Tensor:
+    """One coin per element: B = m < P, m a uniform 23-bit integer and P = ceil(p 2^23), the law of
+    keras.random.uniform(shape) < p, from a quarter of the Philox blocks: m's top 8 bits are the
+    bytes of the blocks keras.random.* would draw from the seed (16 coins a block), and m's low 15
+    bits are read only where the top 8 equal P's (1 coin in 256), from a second Philox stream (the
+    same key, the counter's top bit flipped). The fused kernel draws the same coins."""
+    seed = tf.cast(tf.math.floormod(tf.cast(draw_seed(seed), tf.int64), 2**31 - 2), tf.int32)
+    key, counter, alg = tf.raw_ops.StatelessRandomGetKeyCounterAlg(seed=seed)
+    n = tf.reduce_prod(shape)
+    words = tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=[(n + 15) // 16 * 4], key=key, counter=counter, alg=alg, dtype=tf.uint32)
+    top = tf.cast(tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:n], tf.int32)
+    ties = tf.bitwise.bitwise_xor(counter, tf.constant([0, 2**63], tf.uint64))
+    low = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[n], key=key, counter=ties, alg=alg,
+                                                     dtype=tf.uint32)
+    low = tf.cast(tf.bitwise.bitwise_and(low, 0x7FFF), tf.int32)
+    top_p = tf.cast(tf.clip_by_value(tf.math.ceil(tf.cast(p, tf.float64) * 2.0**23), 0.0, 2.0**23),
+                    tf.int32)
+    low_p, top_p = top_p % 2**15, top_p // 2**15
+    return tf.reshape((top < top_p) | ((top == top_p) & (low < low_p)), shape)
 
 
 def _surrogate_times(dy, z, sig, slope: float, cutoff: float, surrogate: str) -> tf.Tensor:
@@ -190,6 +242,53 @@ def _coin_op(z: tf.Tensor, coin, slope: float, cutoff: float, surrogate: str) ->
         return y, grad
 
     return op(z)
+
+
+def _fused_op(x: tf.Tensor, p, slope: float, cutoff: float, granularity: str, noise_std: float,
+              surrogate: str, seed) -> tf.Tensor:
+    """The training branch as one fused kernel forward and one backward (`study.fused`).
+
+    The kernel draws the noise and the coin itself, from the seeds keras.random.normal and
+    keras.random.uniform would be given, in the same order: the batch and example coins are
+    keras.random.uniform's bit for bit, the unit coins `_unit_coins`', the normals
+    keras.random.normal's to a few ulps. Its second output keeps what the backward needs:
+    sigmoid(s z), zeroed where |z| >= T (the surrogate's mask, decided once in the forward), or z
+    for "ste"/"hard_sigmoid" with noise."""
+    noise_seed = tf.cast(draw_seed(seed), tf.int64) if noise_std > 0 else None
+    if not isinstance(p, tf.Tensor) and p in (0, 1):
+        coin, coin_seed = ("hard" if p == 1 else "soft"), None
+    else:
+        coin, coin_seed = granularity, tf.cast(draw_seed(seed), tf.int64)
+    keep = "sig" if surrogate == "sigmoid" else "z" if noise_std > 0 else "none"
+
+    @tf.custom_gradient
+    def op(x):
+        y, aux = _kernel(x, coin=coin, keep=keep, p=p, slope=slope, cutoff=cutoff,
+                         noise_std=noise_std, coin_seed=coin_seed, noise_seed=noise_seed)
+
+        def grad(dy):
+            return _kernel_grad(dy, x if keep == "none" else aux, surrogate, slope, cutoff)
+
+        return y, grad
+
+    return op(x)
+
+
+def _kernel(x: tf.Tensor, *, coin: str, keep: str, p=0.0, slope: float = 1.0, cutoff: float = 1.0,
+            noise_std: float = 0.0, coin_seed=None, noise_seed=None) -> tuple[tf.Tensor, tf.Tensor]:
+    """The fused forward kernel: (y, aux); see study/kernels/sigmoid_or_binary.cc."""
+    no_seed = tf.zeros([2], tf.int64)
+    return fused.ops().study_sigmoid_or_binary(
+        x, tf.cast(p, tf.float32), no_seed if coin_seed is None else coin_seed,
+        no_seed if noise_seed is None else noise_seed, coin=coin, keep=keep, slope=slope,
+        cutoff=cutoff, offset=(cutoff - 1) / 2, threshold=saturation_threshold(slope, cutoff),
+        noise_std=noise_std)
+
+
+def _kernel_grad(dy: tf.Tensor, aux: tf.Tensor, surrogate: str, slope: float, cutoff: float):
+    """The fused backward kernel: dy * g(z), from the forward's aux (or x)."""
+    return fused.ops().study_sigmoid_or_binary_grad(dy, aux, surrogate=surrogate,
+                                                    scale=slope * cutoff)
 
 
 def traced_gradients() -> frozenset[str]:

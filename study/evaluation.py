@@ -11,12 +11,15 @@ For the pre-activations x of all N examples and U units (binary code b = 1[x > 0
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from study.activations import surrogate_gradient
+from study import fused
+from study.activations import saturation_threshold, surrogate_gradient
 from study.config import ActivationConfig
 from study.models import Network
 
@@ -36,7 +39,8 @@ class Evaluator:
         self.network, self.activation = network, activation
         self.batch_size, self.probe = batch_size, probe
         self.previous_codes: np.ndarray | None = None
-        self._batch = tf.function(self._evaluate_batch, reduce_retracing=True)
+        self._model = _with_parts(network.evaluator)
+        self._batch = tf.function(self._evaluate_batch, reduce_retracing=True)  # traced per `probe`
 
     def __call__(self, x: np.ndarray, y: np.ndarray, scale: float, diagnostics: bool = True
                  ) -> Evaluation:
@@ -46,13 +50,14 @@ class Evaluator:
         for start in range(0, len(x), self.batch_size):
             xb = tf.constant(x[start:start + self.batch_size])
             yb = tf.constant(y[start:start + self.batch_size])
-            cb, cs, ones, sat, codes = self._batch(xb, yb, scale)
+            probe = diagnostics and start < self.probe
+            cb, cs, ones, sat, codes = self._batch(xb, yb, scale, probe)
             correct_binary += int(cb)
             correct_soft += int(cs)
             saturated += int(sat)
             ones = ones.numpy()
             ones_per_unit = ones if ones_per_unit is None else ones_per_unit + ones
-            if diagnostics and start < self.probe:  # only the probe's codes leave TensorFlow
+            if probe:  # only the probe's codes are computed for the flip rate
                 probe_codes.append(codes[: self.probe - start].numpy())
         n = len(x)
         stats = {}
@@ -68,20 +73,59 @@ class Evaluator:
             self.previous_codes = codes
         return Evaluation(correct_binary / n, correct_soft / n, stats)
 
-    def _evaluate_batch(self, x, y, scale):
-        binary, soft, pre = self.network.evaluator(tf.cast(x, tf.float32) * scale, training=False)
+    def _evaluate_batch(self, x, y, scale, probe: bool):
+        binary, soft, *parts = self._model(tf.cast(x, tf.float32) * scale, training=False)
         y = tf.cast(y, tf.int64)
         correct_binary = tf.reduce_sum(tf.cast(tf.argmax(binary, -1) == y, tf.int32))
         correct_soft = tf.reduce_sum(tf.cast(tf.argmax(soft, -1) == y, tf.int32))
-        codes = pre > 0
-        ones = tf.reduce_sum(tf.cast(codes, tf.float32), axis=0)
-        saturated = tf.constant(0, tf.int32)
-        if self.activation.kind == "sigmoid_or_binary":
-            a = self.activation
-            g = surrogate_gradient(pre, slope=a.slope, cutoff=a.cutoff, surrogate=a.surrogate)
-            peak = {"sigmoid": a.slope * a.cutoff / 4, "ste": 1.0, "hard_sigmoid": 0.5}[a.surrogate]
-            saturated = tf.reduce_sum(tf.cast(g < 0.01 * peak, tf.int32))
+        codes = tf.concat([p > 0 for p in parts], 1) if probe else tf.zeros([0], tf.bool)
+        ones, saturated = _code_stats(parts, self.activation)
         return correct_binary, correct_soft, ones, saturated, codes
+
+
+def _code_stats(parts: list[tf.Tensor], a: ActivationConfig) -> tuple[tf.Tensor, tf.Tensor]:
+    """Ones per unit and how many units are saturated (0 but for sigmoid_or_binary) of the
+    pre-activations `parts` ([N, U_k] each, side by side): one pass over each with the fused
+    kernel where the saturation is a bound on |x| (`_saturation_rule`), else TensorFlow ops."""
+    rule = _saturation_rule(a) if a.kind == "sigmoid_or_binary" else ("lt", math.inf)
+    if rule and fused.usable(parts[0]):
+        stats = [fused.ops().study_code_stats(p, inside=rule[0], bound=rule[1]) for p in parts]
+        saturated = tf.add_n([outside for _, outside in stats])
+        return (tf.concat([ones for ones, _ in stats], 0),
+                tf.cast(saturated, tf.int32) if a.kind == "sigmoid_or_binary" else tf.constant(0))
+    pre = tf.concat(parts, 1) if len(parts) > 1 else parts[0]
+    ones = tf.reduce_sum(tf.cast(pre > 0, tf.float32), axis=0)
+    if a.kind != "sigmoid_or_binary":
+        return ones, tf.constant(0)
+    g = surrogate_gradient(pre, slope=a.slope, cutoff=a.cutoff, surrogate=a.surrogate)
+    peak = {"sigmoid": a.slope * a.cutoff / 4, "ste": 1.0, "hard_sigmoid": 0.5}[a.surrogate]
+    return ones, tf.reduce_sum(tf.cast(g < 0.01 * peak, tf.int32))
+
+
+def _with_parts(evaluator: keras.Model) -> keras.Model:
+    """The evaluator with the pre-activations that it concatenates into its third output as
+    separate outputs (the same values, without the copy), or the evaluator itself when its third
+    output is no concatenation."""
+    pre = evaluator.outputs[2]
+    for layer in evaluator.layers:
+        if isinstance(layer, keras.layers.Concatenate) and layer.output is pre:
+            return keras.Model(evaluator.inputs, [*evaluator.outputs[:2], *layer.input])
+    return evaluator
+
+
+def _saturation_rule(a: ActivationConfig) -> tuple[str, float] | None:
+    """When "g(x) < 0.01 max g" (g the surrogate gradient) is "|x| < bound" (or "<=") false.
+
+    "ste" and "hard_sigmoid": g is 1 or 1/2 where |x| <= 1 and 0 elsewhere. "sigmoid" with
+    100 (c^2 - 1) > 3 c^2 (c > 1.016): g = c s sig (1 - sig) where |x| < T, at least
+    c s (c^2 - 1) / (4 c^2), over 3% of its peak c s / 4, and 0 elsewhere. Otherwise (c near 1) None:
+    the count needs g itself.
+    """
+    if a.surrogate != "sigmoid":
+        return "le", 1.0
+    if 100 * (a.cutoff**2 - 1) > 3 * a.cutoff**2:
+        return "lt", saturation_threshold(a.slope, a.cutoff)
+    return None
 
 
 def _binary_entropy(q: np.ndarray) -> np.ndarray:
