@@ -172,18 +172,19 @@ def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
 
 @pytest.mark.integration  # the race of fault 1: Ray Tune deleted the checkpoint its snapshot names
 def test_a_resumed_trial_whose_snapshot_names_a_deleted_checkpoint_uses_the_newest(tmp_path):
-    spec, env, storage, proc = start_one_slow_trial(tmp_path, "race", epochs=4)
+    spec, env, storage, proc = start_one_slow_trial(tmp_path, "race", epochs=6)
     kill_group(proc)
     [trial_dir] = {p.parent for p in storage.glob("*/*/result.json")}
+    assert trial_results(storage)[trial_dir.name][-1]["epoch"] < 6, "the trial ended before the kill"
     for checkpoint in sorted(trial_dir.glob("checkpoint_*"), reverse=True):  # all "newer" ones
         index = int(checkpoint.name.removeprefix("checkpoint_"))
         checkpoint.rename(trial_dir / f"checkpoint_{index + 100:06d}")
     out = run_sweep(tmp_path / "race.yaml", env)
     assert "1 trials, 0 failed" in out
     [child] = assert_complete(spec, env)
-    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4]
+    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
     epochs = [r["epoch"] for r in trial_results(storage)[trial_dir.name]]
-    assert epochs[-1] == 4 and 1 not in epochs[epochs.index(2) + 1:]  # resumed, not restarted
+    assert epochs[-1] == 6 and 1 not in epochs[epochs.index(2) + 1:], epochs  # resumed, not restarted
 
 
 LOGICAL_GPUS = """
