@@ -1,13 +1,14 @@
 """Checks printed with the tables (Tuning Playbook): best value at a boundary of the searched range,
-the share of failed or diverged trials, trials stopped early against trials that ran their whole
-budget (decided by `tables.full_budget`, from each run's own record)."""
+the share of failed or diverged trials, trials stopped early against trials that ran to their own end
+(decided by `tables.ran_to_end`, from each run's own record), and trials whose validation accuracy was
+still improving when their budget ran out (`still_improving`)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
 from analysis.runs import Runs
-from analysis.tables import finished, full_budget
+from analysis.tables import finished, ran_to_end
 
 SELECTION = "metrics.val/accuracy_binary"
 # Ends of a parameter's valid range: a best value there cannot be searched beyond.
@@ -31,6 +32,12 @@ def checks(runs: Runs) -> list[str]:
     full = finished(runs)
     if full.empty:
         return lines
+    improving = still_improving(runs)
+    if improving:
+        shown = ", ".join(improving[:10]) + (f" and {len(improving) - 10} more"
+                                             if len(improving) > 10 else "")
+        lines.append(f"{name}: {len(improving)} trials were still improving when their budget "
+                     f"ended (best validation epoch within their patience of the last): {shown}")
     best = full.loc[full[SELECTION].idxmax()]
     for column in swept(full):
         low, high = full[column].min(), full[column].max()
@@ -45,17 +52,51 @@ def checks(runs: Runs) -> list[str]:
     return lines
 
 
+def still_improving(runs: Runs) -> list[str]:
+    """Trial ids of the trials that ran their whole budget while still improving: with E the last
+    epoch, k the patience (params.budget.patience, 0 when absent) and b the first epoch of the best
+    monitored validation accuracy (params.budget.monitor, else val/accuracy_binary),
+    E - b < max(k, 1): no plateau of k epochs had begun (without a patience: the last epoch was the
+    best)."""
+    trials = runs.trials[ran_to_end(runs)]
+    found = []
+    for _, trial in trials.iterrows():
+        budget, patience = trial["params.budget.epochs"], trial.get("params.budget.patience", 0)
+        patience = 0 if pd.isna(patience) else int(patience)
+        monitor = trial.get("params.budget.monitor")
+        monitor = "val/accuracy_binary" if pd.isna(monitor) else monitor
+        curve = runs.history[(runs.history["run_id"] == trial["run_id"])
+                             & (runs.history["key"] == monitor)].sort_values("step")
+        if curve.empty or curve["step"].max() < budget:
+            continue
+        best = int(curve.loc[curve["value"].idxmax(), "step"])  # idxmax: the first of the highest
+        if budget - best < max(patience, 1):
+            found.append(str(trial["tags.trial.id"]))
+    return found
+
+
 def _outcomes(runs: Runs) -> str:
-    """How the trials ended, by their record: whole budget, stopped early by the scheduler (FINISHED
-    with fewer epochs), failed (diverged or an error), cut short by an interruption (the rest)."""
+    """How the trials ended, by their record: by their own rule (whole budget, or a plateau with a
+    patience), stopped early by the scheduler (FINISHED with fewer epochs and no test score), failed
+    (diverged or an error), cut short by an interruption (the rest)."""
     trials = runs.trials
-    full = full_budget(runs)
+    full = ran_to_end(runs)
     failed = trials["status"] == "FAILED"
     diverged = trials.get("tags.trial.failure", pd.Series(dtype=str)).fillna("").str.startswith(
         "train/loss")
     early = ~full & (trials["status"] == "FINISHED")
     cut = int((~full & ~early & ~failed).sum())
-    line = (f"{len(trials)} trials; {int(full.sum())} ran their whole budget, {int(early.sum())} "
+    plateau = int((full & (trials["run_id"].map(_epochs(runs)) < trials["params.budget.epochs"]))
+                  .sum())
+    ended = (f"{int(full.sum())} ran to their own end ({plateau} on a plateau)" if plateau
+             else f"{int(full.sum())} ran their whole budget")
+    line = (f"{len(trials)} trials; {ended}, {int(early.sum())} "
             f"stopped early by the scheduler, {int(failed.sum())} failed ({failed.mean():.0%}), of "
             f"which {int(diverged.sum())} diverged")
     return line + (f"; {cut} cut short by an interruption" if cut else "")
+
+
+def _epochs(runs: Runs) -> pd.Series:
+    """Epochs in each run's history (by run id)."""
+    loss = runs.history[runs.history["key"] == "train/loss"]
+    return loss.groupby("run_id")["step"].nunique()

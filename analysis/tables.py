@@ -90,22 +90,26 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, str]) -> p
     return pd.DataFrame(rows)
 
 
-def full_budget(runs: Runs) -> pd.Series:
-    """Per trial (aligned with `runs.trials`): whether it ran its whole budget, by its own record
-    whatever its tags or its history of interruptions say: not FAILED, `train/loss` in its history at
-    every epoch 1..params.budget.epochs, and both test metrics."""
+def ran_to_end(runs: Runs) -> pd.Series:
+    """Per trial (aligned with `runs.trials`): whether it ended by its own rule, by its own record
+    whatever its tags or its history of interruptions say: not FAILED, both test metrics, and
+    `train/loss` in its history at every epoch 1..E of its last epoch E, where E is
+    params.budget.epochs or, with a patience (params.budget.patience > 0), fewer (a plateau)."""
     trials = runs.trials
     loss = runs.history[runs.history["key"] == "train/loss"]
     budget = trials.set_index("run_id")["params.budget.epochs"]
     loss = loss[loss["step"].between(1, loss["run_id"].map(budget))]
     epochs = trials["run_id"].map(loss.groupby("run_id")["step"].nunique())
+    last = trials["run_id"].map(loss.groupby("run_id")["step"].max())
+    patience = trials.get("params.budget.patience", pd.Series(0, index=trials.index)).fillna(0)
+    whole = (epochs == trials["params.budget.epochs"]) | ((patience > 0) & (epochs == last))
     tested = trials.reindex(columns=[f"metrics.{m}" for m in FINAL_METRICS]).notna().all(axis=1)
-    return (trials["status"] != "FAILED") & (epochs == trials["params.budget.epochs"]) & tested
+    return (trials["status"] != "FAILED") & whole & tested
 
 
 def finished(runs: Runs) -> pd.DataFrame:
-    """The trials that ran their whole budget (`full_budget`), with their test gap (soft - binary)."""
-    full = runs.trials[full_budget(runs)]
+    """The trials that ended by their own rule (`ran_to_end`), with their test gap (soft - binary)."""
+    full = runs.trials[ran_to_end(runs)]
     return full.assign(gap=full["metrics.test/accuracy_soft"] - full["metrics.test/accuracy_binary"])
 
 

@@ -66,8 +66,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    epochs: int = 10
+    epochs: int = 10  # with a patience: the most epochs a trial may train
     batch_size: int = 128
+    patience: int = 0  # > 0: stop once `monitor` has not improved for this many epochs (plateau)
+    monitor: Literal["val/accuracy_binary", "val/accuracy_soft"] = "val/accuracy_binary"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "budget.epochs": _at_least_1,
     "budget.batch_size": _at_least_1,
+    "budget.patience": _non_negative,
     "runtime.threads": _non_negative,
     "seed": _seed,
 }

@@ -12,5 +12,7 @@ EPOCH_METRICS = (
     "time/epoch_s", "time/eval_s",
 )
 FINAL_METRICS = ("test/accuracy_binary", "test/accuracy_soft")
+# the epoch whose weights the test metrics are of: the last, or with a patience the best by the monitor
+TEST_EPOCH = "test/epoch"
 # constant per trial (per attempt, for the set-up time), reported every epoch
 TRIAL_CONSTANTS = ("model/params", "model/binary_units", "time/setup_s")

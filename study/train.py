@@ -3,11 +3,16 @@
 Metrics per epoch (DESIGN section 3): `train/loss`, `train/accuracy`, `val/accuracy_binary`,
 `val/accuracy_soft`, `val/binary_gap` (= soft - binary), `val/accuracy_binary_best`, the `act/*`
 diagnostics of `study.evaluation`, `time/epoch_s` (the training pass), `time/eval_s` and the
-trial's constants (`study.names.TRIAL_CONSTANTS`: size of the model, its set-up time); the last
-epoch's metrics also hold `test/accuracy_binary` and `test/accuracy_soft` of the final weights, so a
-run stopped early never carries a test score. `Trainer.save(folder)` writes a checkpoint that
-`Trainer.restore` (or `train(resume_from=...)`) continues from exactly: same weights, optimiser,
-random state and data order as an unbroken run.
+trial's constants (`study.names.TRIAL_CONSTANTS`: size of the model, its set-up time).
+
+A trial ends by its own rule after `budget.epochs` epochs or, with `budget.patience` = k > 0, on a
+plateau: once the monitored validation accuracy (`budget.monitor`) has not improved for k epochs,
+i.e. epoch - best_epoch >= k, best_epoch the first epoch of the highest value. The last epoch's
+metrics then hold `test/accuracy_binary` and `test/accuracy_soft` and `test/epoch`, the epoch whose
+weights were tested: the last one, or with a patience the best one (its weights are kept aside as
+training goes on). A run stopped by a scheduler never carries a test score. `Trainer.save(folder)`
+writes a checkpoint that `Trainer.restore` (or `train(resume_from=...)`) continues from exactly:
+same weights (and best weights), optimiser, random state and data order as an unbroken run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from study.config import OptimConfig, TrialConfig
 from study.data import Dataset, load
 from study.evaluation import Evaluator
 from study.models import build_network
+from study.names import TEST_EPOCH
 
 CHECKPOINT = "state"  # tf.train.Checkpoint's prefix in a checkpoint folder (state.index, state.data-*)
 
@@ -81,6 +87,7 @@ class Trainer:
             )
         self._train_tensors = as_tensors(data.x_train, data.y_train, data.scale)
         self.history: list[dict[str, float]] = []
+        self._best = BestWeights(self.network.model) if config.budget.patience else None
         self.evaluator = Evaluator(self.network, config.activation)
         self._score_codes()
         self.sizes = {"model/params": float(self.network.model.count_params()),
@@ -93,12 +100,20 @@ class Trainer:
         return len(self.history)
 
     @property
+    def best_epoch(self) -> int:
+        """The first epoch with the highest monitored validation accuracy (0 before any)."""
+        return best_epoch(self.history, self.config.budget.monitor)
+
+    @property
     def done(self) -> bool:
-        return self.epoch >= self.config.budget.epochs
+        """The budget is spent, or (with a patience) the monitored metric is on a plateau."""
+        budget = self.config.budget
+        return self.epoch >= budget.epochs or (
+            budget.patience > 0 and self.epoch - self.best_epoch >= budget.patience)
 
     def step(self, verbose: int = 0) -> dict[str, float]:
-        """Train and evaluate the next epoch; raise TrialDiverged on a non-finite loss. The last
-        epoch's metrics also carry the test accuracies of the final weights."""
+        """Train and evaluate the next epoch; raise TrialDiverged on a non-finite loss. The metrics
+        of the epoch that ends the trial also carry the test accuracies (see the module)."""
         epoch, budget, data = self.epoch + 1, self.config.budget, self.data
         started = time.perf_counter()
         logs = self.network.model.fit(
@@ -125,12 +140,17 @@ class Trainer:
             "time/epoch_s": train_time,
             **self.sizes,
         }
-        if epoch == budget.epochs:
+        self.history.append(metrics)
+        if self._best is not None and self.best_epoch == epoch:
+            self._best.keep()
+        if self.done:
+            if self._best is not None:
+                self._best.put_back()
             test = self.evaluator(data.x_test, data.y_test, data.scale, diagnostics=False)
             metrics["test/accuracy_binary"] = test.accuracy_binary
             metrics["test/accuracy_soft"] = test.accuracy_soft
+            metrics[TEST_EPOCH] = self.best_epoch if self._best is not None else epoch
         metrics["time/eval_s"] = time.perf_counter() - started - train_time
-        self.history.append(metrics)
         return dict(metrics)
 
     def result(self) -> TrainResult:
@@ -173,7 +193,31 @@ class Trainer:
         order, under `rng`."""
         model = self.network.model
         rng = [v for v in model.variables if v.name == "seed_generator_state"]
-        return tf.train.Checkpoint(model=model, optimizer=model.optimizer, rng=rng)
+        best = {} if self._best is None else {"best": self._best.variables}
+        return tf.train.Checkpoint(model=model, optimizer=model.optimizer, rng=rng, **best)
+
+
+class BestWeights:
+    """A copy of a model's weights at its best epoch so far: `keep()` copies the model's weights in,
+    `put_back()` copies them back into the model."""
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self.variables = [tf.Variable(w, trainable=False) for w in model.weights]
+
+    def keep(self) -> None:
+        for kept, weight in zip(self.variables, self.model.weights, strict=True):
+            kept.assign(weight)
+
+    def put_back(self) -> None:
+        for kept, weight in zip(self.variables, self.model.weights, strict=True):
+            weight.assign(kept)
+
+
+def best_epoch(history: Sequence[dict[str, float]], monitor: str) -> int:
+    """The first epoch (1-based) with the highest `monitor` in `history`; 0 for no history."""
+    values = [h[monitor] for h in history]
+    return values.index(max(values)) + 1 if values else 0
 
 
 Callback = Callable[[int, dict[str, float], Trainer], None]

@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param
 
 from analysis import runs
 from analysis.__main__ import main
-from analysis.checks import checks
+from analysis.checks import checks, still_improving
 from analysis.tables import by_setting, finished
 
 EXP = "t3-ablations"
@@ -20,8 +20,9 @@ BUDGET = 3
 
 
 def trial(sweep, trial_id, status="FINISHED", epochs=BUDGET, tested=True, stopped_early="false",
-          tag_epochs=None, variant="base", seed=0):
-    """A trial run's row (as in an export) and its metric history."""
+          tag_epochs=None, variant="base", seed=0, patience=None, val=None):
+    """A trial run's row (as in an export) and its metric history (val/accuracy_binary falling, or
+    the values `val`)."""
     row = {"experiment": EXP, "run_id": f"{sweep}-{trial_id}", "status": status,
            "start_time": 100, "end_time": 200, "tags.sweep.id": sweep, "tags.sweep.role": "trial",
            "tags.trial.id": trial_id, "tags.trial.variant": variant, "tags.git.commit": "0" * 40,
@@ -29,8 +30,11 @@ def trial(sweep, trial_id, status="FINISHED", epochs=BUDGET, tested=True, stoppe
            "tags.trial.epochs": str(epochs if tag_epochs is None else tag_epochs),
            "params.budget.epochs": str(BUDGET), "params.seed": str(seed),
            "params.activation.p": "0.5", "params.model.arch": "mlp"}
-    history = [(row["run_id"], key, step, 1.0 / step + seed / 100)
-               for step in range(1, epochs + 1) for key in ("train/loss", "val/accuracy_binary")]
+    if patience is not None:
+        row["params.budget.patience"] = str(patience)
+    val = val or [1.0 / step + seed / 100 for step in range(1, epochs + 1)]
+    history = [(row["run_id"], key, step, value) for step in range(1, epochs + 1)
+               for key, value in (("train/loss", 1.0 / step), ("val/accuracy_binary", val[step - 1]))]
     if tested:
         history += [(row["run_id"], key, epochs, 0.8 + seed / 100)
                     for key in ("test/accuracy_binary", "test/accuracy_soft")]
@@ -111,6 +115,24 @@ def test_keeps_every_trial_that_ran_its_whole_budget(source):
     assert checks(loaded)[0] == (f"{EXP}: 6 trials; 3 ran their whole budget, 1 stopped early by "
                                  "the scheduler, 1 failed (17%), of which 0 diverged; 1 cut short by "
                                  "an interruption")
+
+
+def test_a_plateau_is_an_end_of_its_own_and_a_rising_curve_at_the_budget_is_flagged(tmp_path):
+    recs = [parent(LATEST, "FINISHED", 3000, 4000),
+            trial(LATEST, "plateau", epochs=2, patience=1, val=[0.8, 0.7]),
+            trial(LATEST, "asha", epochs=2, patience=1, tested=False, stopped_early="true"),
+            trial(LATEST, "rising", val=[0.5, 0.6, 0.7]),
+            trial(LATEST, "patience-cut", patience=2, val=[0.5, 0.7, 0.6]),  # plateau of 1 < 2
+            trial(LATEST, "flat-at-end", patience=1, val=[0.5, 0.7, 0.6])]
+    loaded = runs.load(to_export(tmp_path, recs), [EXP])
+    assert sorted(finished(loaded)["tags.trial.id"]) == ["flat-at-end", "patience-cut", "plateau",
+                                                         "rising"]
+    assert still_improving(loaded) == ["patience-cut", "rising"]
+    lines = checks(loaded)
+    assert lines[0].startswith(f"{EXP}: 5 trials; 4 ran to their own end (1 on a plateau), 1 stopped "
+                               "early by the scheduler")
+    assert lines[1] == (f"{EXP}: 2 trials were still improving when their budget ended (best "
+                        "validation epoch within their patience of the last): patience-cut, rising")
 
 
 def test_the_latest_complete_sweep_by_end_time_then_start_time(tmp_path):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from study.config import TrialConfig
-from study.names import EPOCH_METRICS, TRIAL_CONSTANTS
-from study.train import Trainer, TrialDiverged, train
+from study.names import EPOCH_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
+from study.train import Trainer, TrialDiverged, best_epoch, train
 
 from .conftest import ROOT
 
@@ -28,7 +28,8 @@ def test_metrics_per_epoch_and_at_the_end():
     result = train(small(), callbacks=[lambda epoch, metrics, state: seen.append(epoch)])
     assert seen == [1, 2, 3] and [h["epoch"] for h in result.history] == [1, 2, 3]
     assert all(set(h) == PER_EPOCH for h in result.history[:-1])
-    assert set(result.history[-1]) == PER_EPOCH | {"test/accuracy_binary", "test/accuracy_soft"}
+    assert set(result.history[-1]) == PER_EPOCH | {"test/accuracy_binary", "test/accuracy_soft",
+                                                    TEST_EPOCH}
     for h in result.history:
         assert h["val/binary_gap"] == pytest.approx(h["val/accuracy_soft"] - h["val/accuracy_binary"])
         assert 0 <= h["act/ones_fraction"] <= 1 and 0 <= h["act/bit_entropy"] <= 1
@@ -38,7 +39,8 @@ def test_metrics_per_epoch_and_at_the_end():
     # 64 inputs -> 32 -> 16 -> 10 (weights and biases); 32 + 16 binary units
     assert result.history[0]["model/params"] == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
     assert result.history[0]["model/binary_units"] == 48
-    assert set(result.test) == {"test/accuracy_binary", "test/accuracy_soft"}
+    assert set(result.test) == {"test/accuracy_binary", "test/accuracy_soft", TEST_EPOCH}
+    assert result.test[TEST_EPOCH] == 3  # without a patience: the last epoch's weights
     assert json.loads(result.to_json())["config"]["activation.cutoff"] == 1.2
 
 
@@ -78,6 +80,64 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
 
     assert [drop_time(h) for h in resumed.history] == [drop_time(h) for h in unbroken.history]
     assert resumed.test == unbroken.test
+
+
+def test_best_epoch_is_the_first_of_the_highest_value():
+    history = [{"m": v} for v in (0.5, 0.7, 0.6, 0.7, 0.65)]
+    assert best_epoch(history, "m") == 2 and best_epoch([], "m") == 0
+
+
+PLATEAU = {"budget.epochs": 12, "optim.lr": 0.05}  # synthetic data: val accuracy dips at epoch 6
+
+
+def test_a_patience_ends_the_trial_on_a_plateau_and_tests_the_best_epochs_weights():
+    without = train(small(**PLATEAU))
+    values = [h["val/accuracy_binary"] for h in without.history]
+    # the first epoch e whose next `patience` epochs do not beat the best up to e
+    patience = 1
+    stop = next(e for e in range(1, len(values)) if values[e] <= max(values[:e])) + 1
+    best = best_epoch(without.history[:stop], "val/accuracy_binary")
+    assert stop - best == patience and stop < PLATEAU["budget.epochs"], values  # the data's premise
+    result = train(small(**PLATEAU, **{"budget.patience": patience}))
+    assert [h["epoch"] for h in result.history] == list(range(1, stop + 1))
+    assert result.test[TEST_EPOCH] == best
+    # the same weights as a run whose budget ends at the best epoch: the test scores agree
+    at_best = train(small(**{**PLATEAU, "budget.epochs": best}))
+    assert {k: v for k, v in result.test.items() if k != TEST_EPOCH} == \
+        {k: v for k, v in at_best.test.items() if k != TEST_EPOCH}
+    def strip(history):
+        return [{k: v for k, v in h.items() if not k.startswith(("time/", "test/"))} for h in history]
+
+    assert strip(result.history) == strip(without.history[:stop])  # when training ends, not how
+
+
+def test_a_patience_counts_on_the_monitored_metric():
+    soft = train(small(**PLATEAU, **{"budget.patience": 2, "budget.monitor": "val/accuracy_soft"}))
+    values = [h["val/accuracy_soft"] for h in soft.history]
+    assert soft.test[TEST_EPOCH] == values.index(max(values)) + 1
+    assert len(values) == PLATEAU["budget.epochs"] or len(values) - soft.test[TEST_EPOCH] == 2
+
+
+def test_resume_with_a_patience_keeps_the_best_weights(tmp_path):
+    config = small(**PLATEAU, **{"budget.patience": 2})
+    unbroken = train(config)
+    best = unbroken.test[TEST_EPOCH]
+    assert best < len(unbroken.history)  # the checkpoint is taken after the best epoch
+    trainer = Trainer(config)
+    while trainer.epoch < best + 1:
+        trainer.step()
+    trainer.save(tmp_path / "ckpt")
+    trainer.close()
+    resumed = train(config, resume_from=tmp_path / "ckpt")
+    assert resumed.test == unbroken.test
+    with pytest.raises(ValueError, match="another config"):  # best weights expected, none saved
+        train(config, resume_from=_without_patience_checkpoint(config, tmp_path / "plain"))
+
+
+def _without_patience_checkpoint(config, folder):
+    train(config.replace(**{"budget.patience": 0, "budget.epochs": 1}),
+          callbacks=[lambda e, m, s: s.save(folder)])
+    return folder
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):
