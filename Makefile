@@ -23,8 +23,20 @@ JOB_ENV = {"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAG
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
 
 PAPER_SPECS := sweeps/specs/t1_main.yaml sweeps/specs/t2_grid.yaml sweeps/specs/t3_ablations.yaml
-# SIZE=full: the paper's sweeps as specified (about 25 minutes on 2 cores); SIZE=smoke: CI's size.
-SIZE ?= full
+# The size of the specs that sweep, paper-sweeps, paper and tables use. SIZE=full: the specs as
+# written; SIZE=quick: their `quick:` sections (the paper's sweeps at 6 epochs on 20,000 images, about
+# 45 minutes on 2 cores: a laptop check); SIZE=smoke: their `smoke:` sections (CI's size, about 2
+# minutes). SMOKE=1 is SIZE=smoke.
+SIZE ?= $(if $(SMOKE),smoke,full)
+ifeq ($(filter full quick smoke,$(SIZE)),)
+$(error SIZE=$(SIZE): expected full, quick or smoke)
+endif
+ifneq ($(SMOKE),)
+ifneq ($(SIZE),smoke)
+$(error SMOKE=1 means SIZE=smoke, not SIZE=$(SIZE): give one of them)
+endif
+endif
+SIZE_ARG := $(if $(filter-out full,$(SIZE)),--size $(SIZE))
 
 NOTEBOOKS := $(wildcard analysis/notebooks/*.py)
 
@@ -95,31 +107,31 @@ lint: setup ## ruff
 train: setup data ## One trial: make train ARGS="--set activation.p=0.5 --set model.arch=cnn"
 	$(PY) -m study train $(ARGS)
 
-sweep: setup data ## Run or resume a sweep [SPEC=...] [SMOKE=1] [RAY_ADDRESS=http://head:8265] [MLFLOW_TRACKING_URI=...] [STORAGE=...]
-	$(PY) -m sweeps check --reachable $(if $(SMOKE),--smoke) $(SPEC)
+sweep: setup data ## Run or resume a sweep [SPEC=...] [SIZE=full|quick|smoke] [RAY_ADDRESS=http://head:8265] [MLFLOW_TRACKING_URI=...] [STORAGE=...]
+	$(PY) -m sweeps check --reachable $(SIZE_ARG) $(SPEC)
 ifdef RAY_ADDRESS
 	@test -n "$(MLFLOW_TRACKING_URI)" || { echo "error: a cluster sweep needs MLFLOW_TRACKING_URI (a tracking server)"; exit 2; }
 	@test -n "$(STORAGE)" || { echo "error: a cluster sweep needs STORAGE (a shared path or s3://...)"; exit 2; }
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . \
-	  --runtime-env-json '$(JOB_ENV)' -- python -m sweeps run $(if $(SMOKE),--smoke) $(SPEC)
+	  --runtime-env-json '$(JOB_ENV)' -- python -m sweeps run $(SIZE_ARG) $(SPEC)
 else
-	$(PY) -m sweeps run $(if $(SMOKE),--smoke) $(SPEC)
+	$(PY) -m sweeps run $(SIZE_ARG) $(SPEC)
 endif
 
-paper-sweeps: setup data ## Run the paper's sweeps (SIZE=full or smoke) into the tracking store
-	$(PY) -m sweeps check $(if $(filter smoke,$(SIZE)),--smoke) $(PAPER_SPECS)
-	set -e; for spec in $(PAPER_SPECS); do $(PY) -m sweeps run $(if $(filter smoke,$(SIZE)),--smoke) $$spec; done
+paper-sweeps: setup data ## Run the paper's sweeps (SIZE=full|quick|smoke) into the tracking store
+	$(PY) -m sweeps check $(SIZE_ARG) $(PAPER_SPECS)
+	set -e; for spec in $(PAPER_SPECS); do $(PY) -m sweeps run $(SIZE_ARG) $$spec; done
 
-paper: paper-sweeps ## The paper's sweeps (SIZE=full|smoke), then the export (paper/runs) and the tables
-ifeq ($(SIZE),smoke)
-	$(PY) -m analysis tables --smoke --out runs/paper-smoke
-else
+paper: paper-sweeps ## The paper's sweeps (SIZE=full|quick|smoke), then the export (paper/runs) and the tables (quick, smoke: runs/paper-SIZE)
+ifeq ($(SIZE),full)
 	$(PY) -m analysis export
 	$(PY) -m analysis tables
+else
+	$(PY) -m analysis tables $(SIZE_ARG)
 endif
 
-tables: setup ## Tables and figures into paper/ from the runs (local store if it has them, else paper/runs) [SOURCE=...] [SWEEPS="id ..."]
-	$(PY) -m analysis tables $(if $(SOURCE),--source $(SOURCE)) $(foreach s,$(SWEEPS),--sweep $(s))
+tables: setup ## Tables and figures into paper/ (SIZE=quick|smoke: runs/paper-SIZE) from the runs (local store if it has them, else paper/runs) [SOURCE=...] [SWEEPS="id ..."]
+	$(PY) -m analysis tables $(SIZE_ARG) $(if $(SOURCE),--source $(SOURCE)) $(foreach s,$(SWEEPS),--sweep $(s))
 
 notebooks: setup ## Execute analysis/notebooks/*.py headless into runs/notebooks/*.html
 	@mkdir -p runs/notebooks

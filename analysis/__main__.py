@@ -1,12 +1,15 @@
 """Command line: the paper's tables and figures from the runs.
 
-    python -m analysis tables [--source URI|DIR] [--out paper] [--smoke] [--sweep SWEEP_ID ...]
-    python -m analysis export [--source URI] [--out paper/runs] [--smoke] [--sweep SWEEP_ID ...]
+    python -m analysis tables [--source URI|DIR] [--out paper] [--size SIZE] [--sweep SWEEP_ID ...]
+    python -m analysis export [--source URI] [--out paper/runs] [--size SIZE] [--sweep SWEEP_ID ...]
 
 `--source` is a tracking URI or an export folder. By default: $MLFLOW_TRACKING_URI, else the local
 store runs/mlflow.db when it holds the paper's runs, else the committed export paper/runs.
 One sweep per experiment is read: the one named with `--sweep` (repeatable), else the latest complete
-one; a line per experiment says which.
+one; a line per experiment says which. `--size quick|smoke` reads the paper sweeps run at that size of
+their specs (experiments t1-main-quick, ...; `--smoke` is `--size smoke`) and writes by default into
+runs/paper-SIZE (tables) and runs/paper-SIZE/runs (export), not the committed paper/; `--size full`
+(the default) is the specs as written.
 """
 
 from __future__ import annotations
@@ -33,21 +36,37 @@ def default_source(experiments: list[str]) -> str:
     return str(EXPORT)
 
 
+def default_out(command: str, size: str) -> Path:
+    """paper/ and paper/runs for the full size; runs/paper-SIZE and runs/paper-SIZE/runs otherwise."""
+    if size == "full":
+        return PROJECT / "paper" if command == "tables" else EXPORT
+    folder = PROJECT / "runs" / f"paper-{size}"
+    return folder if command == "tables" else folder / "runs"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sweeps.spec import SIZES
+
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, out in (("tables", PROJECT / "paper"), ("export", EXPORT)):
+    for name in ("tables", "export"):
         sub = commands.add_parser(name)
         sub.add_argument("--source")
-        sub.add_argument("--out", type=Path, default=out)
-        sub.add_argument("--smoke", action="store_true", help="the smoke-size paper sweeps")
+        full, other = (default_out(name, size).relative_to(PROJECT) for size in ("full", "SIZE"))
+        sub.add_argument("--out", type=Path, help=f"default: {full} (full size), {other}")
+        size = sub.add_mutually_exclusive_group()
+        size.add_argument("--size", choices=("full", *SIZES), default="full",
+                          help="the paper sweeps at this size of their specs (default: full)")
+        size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
+                          help="the same as --size smoke")
         sub.add_argument("--sweep", action="append", default=[], metavar="SWEEP_ID",
                          help="read this sweep of its experiment (default: the latest complete one)")
     args = parser.parse_args(argv)
+    args.out = args.out or default_out(args.command, args.size)
 
     from analysis import paper, runs
 
-    names = list(paper.experiments(args.smoke).values())
+    names = list(paper.experiments(args.size).values())
     source = args.source or default_source(names)
     try:
         loaded = runs.load(source, names, args.sweep)
@@ -64,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {len(loaded.trials)} trial runs of {', '.join(loaded.experiments)} "
               f"-> {args.out}")
         return 0
-    tables, pngs, notes = paper.build(loaded, args.out, smoke=args.smoke)
+    tables, pngs, notes = paper.build(loaded, args.out, size=args.size)
     if "://" in source:
         paper.log_figures(source, loaded, pngs)
     for note in notes:

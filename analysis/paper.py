@@ -5,6 +5,8 @@
     T2 the p x slope x cutoff grid (t2-grid): grid tables, best setting per architecture, axis and
        isolation plots, the heatmap, the gap against p
     T3 ablations (t3-ablations)
+
+At a named size of the specs (`smoke`, `quick`) the experiments are NAME-SIZE (t1-main-quick, ...).
 """
 
 from __future__ import annotations
@@ -24,12 +26,25 @@ from analysis.tables import (
     grid_tables,
     pivot_table,
 )
+from sweeps.spec import SIZES
 
 SPECS = {"t1": "t1-main", "t2": "t2-grid", "t3": "t3-ablations"}
 
 
-def experiments(smoke: bool) -> dict[str, str]:
-    return {k: f"{v}-smoke" if smoke else v for k, v in SPECS.items()}
+def experiments(size: str = "") -> dict[str, str]:
+    """The experiment of each paper sweep at `size` ("" or "full": the specs as written, else one
+    of SIZES)."""
+    if size not in ("", "full", *SIZES):
+        raise ValueError(f"unknown size {size!r} (full, {', '.join(SIZES)})")
+    return {k: f"{v}-{size}" if size not in ("", "full") else v for k, v in SPECS.items()}
+
+
+def spec_name(experiment: str) -> str:
+    """The spec's name of an experiment, whatever its size (t1-main-quick -> t1-main)."""
+    for size in SIZES:
+        if experiment.endswith(f"-{size}") and experiment.removesuffix(f"-{size}") in SPECS.values():
+            return experiment.removesuffix(f"-{size}")
+    return experiment
 
 
 def variants(runs: Runs) -> list[str]:
@@ -40,9 +55,10 @@ def variants(runs: Runs) -> list[str]:
     return list(dict.fromkeys(ordered))
 
 
-def build(runs: Runs, out: Path, smoke: bool = False) -> tuple[list[Table], list[Path], list[str]]:
-    """Write tables (out/tables), figures (out/figures) and out/checks.md; return what was made."""
-    names = experiments(smoke)
+def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path], list[str]]:
+    """Write tables (out/tables), figures (out/figures) and out/checks.md from the paper sweeps at
+    `size`; return what was made."""
+    names = experiments(size)
     tables: list[Table] = []
     pngs: list[Path] = []
     notes: list[str] = []
@@ -100,7 +116,7 @@ def log_figures(tracking_uri: str, runs: Runs, pngs: list[Path]) -> None:
     client = MlflowClient(tracking_uri)
     for _, parent in runs.parents.iterrows():
         prefix = {"t1-main": "t1_", "t2-grid": "t2_", "t3-ablations": "t3_"}.get(
-            parent["experiment"].removesuffix("-smoke"))
+            spec_name(parent["experiment"]))
         for png in pngs:
             if prefix and png.name.startswith(prefix):
                 client.log_artifact(parent["run_id"], str(png), artifact_path="figures")

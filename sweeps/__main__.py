@@ -1,10 +1,13 @@
-"""Command line: `python -m sweeps run SPEC [--smoke]` and `python -m sweeps check SPEC...`.
+"""Command line: `python -m sweeps run SPEC [--size smoke|quick]` and `python -m sweeps check SPEC...`.
 
     run    validate the spec, then run it (or resume it: the same command continues an
            interrupted sweep) on local Ray or $RAY_ADDRESS, recording into $MLFLOW_TRACKING_URI
            (default: runs/mlflow.db), with trial storage in $STORAGE (default: runs/ray)
     check  validate specs only (exit status 2 and one line per bad spec)
     ui     print where the MLflow UI shows each experiment's runs
+
+`--size NAME` applies the spec's `NAME:` section of overrides (smoke: CI's size; quick: a laptop
+check; full, the default: none, the spec as written); `--smoke` is `--size smoke`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from sweeps.spec import SIZES
 
 # Ray Tune's own console output gives way to sweeps.runner.Progress; its per-trial records stay.
 QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -26,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run or resume a sweep")
     run.add_argument("spec")
-    run.add_argument("--smoke", action="store_true", help="apply the spec's smoke overrides")
+    add_size(run)
     check = commands.add_parser("check", help="validate specs")
     check.add_argument("specs", nargs="+")
-    check.add_argument("--smoke", action="store_true")
+    add_size(check)
     check.add_argument("--reachable", action="store_true",
                        help="also check that $RAY_ADDRESS and $MLFLOW_TRACKING_URI answer")
     ui = commands.add_parser("ui", help="print the address of each experiment's runs in the UI")
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.spec import SpecError, load_spec
 
     try:
-        specs = [load_spec(path, smoke=args.smoke)
+        specs = [load_spec(path, size=spec_size(args))
                  for path in (args.specs if args.command == "check" else [args.spec])]
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -97,8 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not results.errors else 1
 
 
+def add_size(command: argparse.ArgumentParser) -> None:
+    size = command.add_mutually_exclusive_group()
+    size.add_argument("--size", choices=("full", *SIZES), default="full",
+                      help="apply the spec's section of overrides of that name (default: full, "
+                           "the spec as written)")
+    size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
+                      help="the same as --size smoke")
+
+
+def spec_size(args) -> str:
+    return "" if args.size == "full" else args.size
+
+
 def resume_command(args) -> str:
-    return f"make sweep SPEC={args.spec}{' SMOKE=1' if args.smoke else ''}"
+    return f"make sweep SPEC={args.spec}{f' SIZE={args.size}' if spec_size(args) else ''}"
 
 
 def summary(results, spec) -> str:

@@ -2,8 +2,9 @@
 
 A spec names the sweep, the metric it selects on, the fixed trial settings (flat dotted keys of
 `study.config`), the search space, the search algorithm, the scheduler, the seeds, the resources per
-trial, and a `smoke` section of overrides that make it small enough for CI. Every problem is a
-`SpecError` whose one-line message names the file and the field.
+trial, and sections of overrides for its named sizes (`SIZES`): `smoke`, small enough for CI, and
+`quick`, a short study for a laptop check. Every problem is a `SpecError` whose one-line message names
+the file and the field.
 
 Space entries (`when` makes an entry exist only for some values of an earlier key):
 
@@ -15,9 +16,12 @@ Space entries (`when` makes an entry exist only for some values of an earlier ke
     model.code_bits:  {choice: [16, 64], when: {model.arch: [bottleneck]}}
 
 A `when` names a fixed key, one the variants set, or an earlier choice/grid entry, with values that
-key takes; an entry whose conditions hold in no combination is an error. The smoke section's
+key takes; an entry whose conditions hold in no combination is an error. A size's section
+(`smoke:`, `quick:`) has the keys fixed, space, variants, search, scheduler, seeds and resources: its
 fixed/space/search/scheduler/resources merge into the spec's (a key set to null is removed, e.g. an
-entry the smaller space never activates); its variants and seeds replace the spec's.
+entry the smaller space never activates); its variants and seeds replace the spec's. Loading a spec at
+a size it has no section for is an error. A named size is its own sweep: experiment `NAME-SIZE`,
+sweep id `NAME-SIZE-DIGEST`.
 
 The file itself is held to what a spec is: at most 1 MB of UTF-8 text; plain YAML values (text,
 numbers, true/false, null, lists, mappings: no tags such as !!python/..., dates stay text); no key
@@ -62,10 +66,11 @@ SCHEDULERS = ("asha", "none")
 MAX_TRIALS = 1000  # the default of `max_trials`
 REPEAT_INDEX = "__trial_index__"  # Ray Tune's Repeater: the repeat of a sampled setting
 MAX_NAME = 64  # the sweep id, MLflow experiment and run names and storage folders derive from it
+SIZES = ("smoke", "quick")  # named sizes: a spec's top-level sections of overrides ("": as written)
 _TOP_KEYS = ("name", "description", "metric", "mode", "fixed", "space", "variants", "search",
-             "scheduler", "seeds", "resources", "max_failures", "save_model", "max_trials", "smoke")
-_SMOKE_KEYS = ("fixed", "space", "variants", "search", "scheduler", "seeds", "resources")
-_MERGED = ("fixed", "space", "search", "scheduler", "resources")  # smoke overrides merge into these
+             "scheduler", "seeds", "resources", "max_failures", "save_model", "max_trials", *SIZES)
+_SIZE_KEYS = ("fixed", "space", "variants", "search", "scheduler", "seeds", "resources")
+_MERGED = ("fixed", "space", "search", "scheduler", "resources")  # a size's overrides merge into these
 _SECTION_KEYS = {
     "search": ("algorithm", "samples", "max_concurrent", "seed"),
     "scheduler": ("name", "grace_period", "reduction_factor"),
@@ -130,7 +135,7 @@ class SweepSpec:
     name: str
     path: str  # as given (recorded in the runs' tags)
     digest: str  # sha256 of the spec's meaning (see `meaning`), first 12 hex digits
-    smoke: bool
+    size: str  # "" for the spec as written, else one of SIZES (its overrides applied)
     file: Path | None = None  # the absolute path, read at load time
     description: str = ""
     metric: str = "val/accuracy_binary"
@@ -147,13 +152,18 @@ class SweepSpec:
     max_trials: int = MAX_TRIALS
 
     @property
+    def smoke(self) -> bool:
+        return self.size == "smoke"
+
+    @property
     def sweep_id(self) -> str:
         """Stable for the same meaning and size, so that re-running the same command resumes."""
-        return f"{self.name}{'-smoke' if self.smoke else ''}-{self.digest[:8]}"
+        return f"{self.experiment}-{self.digest[:8]}"
 
     @property
     def experiment(self) -> str:
-        return f"{self.name}-smoke" if self.smoke else self.name
+        """NAME for the spec as written, NAME-SIZE for a named size."""
+        return f"{self.name}-{self.size}" if self.size else self.name
 
     @property
     def epochs(self) -> int:
@@ -192,9 +202,12 @@ class SweepSpec:
     def meaning(self) -> dict[str, Any]:
         """What the sweep does, as JSON-ready data: the fixed settings as the full trial config
         (a key set to its default is the same as one left out), numbers by value (1 is 1.0), the
-        order of space entries kept (`when` refers to earlier ones), every other order dropped."""
+        order of space entries kept (`when` refers to earlier ones), every other order dropped.
+        The size is `smoke` (true or false), plus `size` for the other named sizes: the digests
+        of specs as written and at smoke size are those from before sizes had names."""
+        size = {"size": self.size} if self.size not in ("", "smoke") else {}
         return _canonical({
-            "name": self.name, "smoke": self.smoke, "metric": self.metric, "mode": self.mode,
+            "name": self.name, "smoke": self.smoke, **size, "metric": self.metric, "mode": self.mode,
             "fixed": TrialConfig.from_flat(self.fixed).to_flat(),
             "space": [[d.key, d.distribution, d.values, sorted([k, sorted(map(_json, v))]
                                                                for k, v in d.when)]
@@ -217,27 +230,39 @@ def decode_choice(value: Any) -> Any:
     return value
 
 
-def load_spec(path: str | Path, smoke: bool = False) -> SweepSpec:
-    """Read and validate a spec; with `smoke`, its `smoke` overrides applied."""
+def load_spec(path: str | Path, size: str = "") -> SweepSpec:
+    """Read and validate a spec; with a `size` (one of SIZES), that section's overrides applied."""
     path = Path(path)
     where = str(path)
-    spec = parse_spec(_load_yaml(_read_text(path, where), where), where, smoke=smoke)
+    spec = parse_spec(_load_yaml(_read_text(path, where), where), where, size=size)
     return dataclasses.replace(spec, file=path.resolve())
 
 
-def parse_spec(raw: Any, where: str, digest: str | None = None, smoke: bool = False) -> SweepSpec:
-    """A validated spec from its parsed YAML; `digest` defaults to the hash of its meaning."""
+def parse_spec(raw: Any, where: str, digest: str | None = None, size: str = "",
+               smoke: bool = False) -> SweepSpec:
+    """A validated spec from its parsed YAML at `size` ("" as written, or one of SIZES; `smoke=True`
+    is size="smoke"); `digest` defaults to the hash of its meaning."""
     fail = _failer(where)
+    size = size or ("smoke" if smoke else "")
+    if size and size not in SIZES:
+        fail("", f"unknown size {_show(size)} (one of {', '.join(SIZES)}, or none for the spec "
+                 f"as written){did_you_mean(str(size), SIZES)}")
     _check_tree(raw, fail)
     if raw is None:
         fail("", "empty: a spec is a mapping of keys (name, fixed, space, ...)")
     if not isinstance(raw, dict):
         fail("", f"a spec is a mapping of keys (name, fixed, space, ...), got {type(raw).__name__}")
     _known_keys(raw, _TOP_KEYS, "", fail)
-    smoke_raw = _mapping(raw.get("smoke", {}), "smoke", fail)
-    _known_keys(smoke_raw, _SMOKE_KEYS, "smoke.", fail)
-    if smoke:
-        raw = _with_overrides(raw, smoke_raw)
+    sections = {}
+    for name in SIZES:
+        sections[name] = _mapping(raw.get(name, {}), name, fail)
+        _known_keys(sections[name], _SIZE_KEYS, f"{name}.", fail)
+    if size and size not in raw:
+        defined = ", ".join(name for name in SIZES if name in raw) or "none"
+        raise SpecError(f"{where} has no `{size}:` section, so no {size} size (sizes it defines: "
+                        f"{defined})")
+    if size:
+        raw = _with_overrides(raw, sections[size])
     name, description = _parse_name(raw.get("name"), fail), _text(raw, "description", fail)
     metric, mode = _parse_metric(raw, fail), _parse_mode(raw, fail)
 
@@ -260,7 +285,7 @@ def parse_spec(raw: Any, where: str, digest: str | None = None, smoke: bool = Fa
     max_trials = _integer(raw, "max_trials", MAX_TRIALS, 1, fail)
     _check_size(search, settings, seeds, max_trials, fail)
     spec = SweepSpec(
-        name=name, path=where, digest="", smoke=smoke, description=description, metric=metric,
+        name=name, path=where, digest="", size=size, description=description, metric=metric,
         mode=mode, fixed=fixed, space=space, variants=variants, search=search, scheduler=scheduler,
         seeds=seeds, resources=resources, max_failures=_integer(raw, "max_failures", 2, 0, fail),
         save_model=_flag(raw, "save_model", fail), max_trials=max_trials,
@@ -482,11 +507,11 @@ def _parse_variants(raw: dict, fixed: dict, search: Search, fail) -> dict[str, d
     return variants
 
 
-def _with_overrides(raw: dict, smoke: dict) -> dict:
-    """The spec with its smoke overrides: a section's keys merge into it (null removes one, e.g. a
+def _with_overrides(raw: dict, overrides: dict) -> dict:
+    """The spec with a size's overrides: a section's keys merge into it (null removes one, e.g. a
     space entry the smaller space never activates); variants and seeds are replaced."""
     merged = dict(raw)
-    for key, value in smoke.items():
+    for key, value in overrides.items():
         base = raw.get(key) or {}
         if key in _MERGED and isinstance(value, dict) and isinstance(base, dict):
             dropped = {k for k, v in value.items() if v is None}

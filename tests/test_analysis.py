@@ -1,6 +1,6 @@
 """Analysis on the runs of the paper's smoke sweeps: the tables' numbers against values recomputed
 straight from MLflow, store and export giving identical files, the notebooks executing (slow); the
-interval, the LaTeX and the default source on their own (fast)."""
+interval, the LaTeX, the default source and the sizes' experiments and folders on their own (fast)."""
 
 import filecmp
 import os
@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from scipy import stats
 
 import analysis.__main__ as cli
+from analysis import paper
 from analysis.paper import SPECS
 from analysis.tables import Table, summarize
 
@@ -28,7 +29,7 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paper")
     env = sweep_env(tmp)
     for spec in ("t1_main", "t2_grid", "t3_ablations"):
-        run_sweep(ROOT / "sweeps" / "specs" / f"{spec}.yaml", env, "--smoke")
+        run_sweep(ROOT / "sweeps" / "specs" / f"{spec}.yaml", env, "--size", "smoke")
     return tmp, env
 
 
@@ -88,9 +89,9 @@ def test_tables_match_mlflow_and_store_and_export_agree(store):
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert "figures/t2_heatmap.png" in logged
 
-    # the same again, then from an export: identical files
-    analysis(env, "tables", "--smoke", "--out", str(tmp / "b"))
-    analysis(env, "export", "--smoke", "--out", str(tmp / "export"))
+    # the same again (`--size smoke` is `--smoke`), then from an export: identical files
+    analysis(env, "tables", "--size", "smoke", "--out", str(tmp / "b"))
+    analysis(env, "export", "--size", "smoke", "--out", str(tmp / "export"))
     analysis(env, "tables", "--smoke", "--source", str(tmp / "export"), "--out", str(tmp / "c"))
     for other in ("b", "c"):
         compare = filecmp.dircmp(tmp / "a", tmp / other)
@@ -107,7 +108,7 @@ def _identical(compare: filecmp.dircmp) -> bool:
 @pytest.mark.slow
 def test_notebooks_execute(store, tmp_path):
     tmp, env = store
-    env = {**env, "ANALYSIS_SOURCE": env["MLFLOW_TRACKING_URI"], "ANALYSIS_SMOKE": "1",
+    env = {**env, "ANALYSIS_SOURCE": env["MLFLOW_TRACKING_URI"], "ANALYSIS_SIZE": "smoke",
            "ANALYSIS_OUT": str(tmp_path / "out"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt")}
     for notebook in sorted((ROOT / "analysis" / "notebooks").glob("*.py")):
         ipynb = tmp_path / f"{notebook.stem}.ipynb"
@@ -185,3 +186,29 @@ def test_default_source_reads_the_local_store_through_mlflow_and_never_creates_i
     assert cli.default_source(["t2-grid"]) == str(cli.EXPORT)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
     assert cli.default_source(["t2-grid"]) == "http://127.0.0.1:5001"
+
+
+def test_each_size_reads_its_own_experiments_into_its_own_folder():
+    assert paper.experiments() == paper.experiments("full") == SPECS
+    assert paper.experiments("smoke") == {k: f"{v}-smoke" for k, v in SPECS.items()}
+    assert paper.experiments("quick") == {"t1": "t1-main-quick", "t2": "t2-grid-quick",
+                                          "t3": "t3-ablations-quick"}
+    with pytest.raises(ValueError, match="unknown size 'big'"):
+        paper.experiments("big")
+    assert [paper.spec_name(e) for e in ("t1-main", "t1-main-smoke", "t2-grid-quick", "other-quick")] == [
+        "t1-main", "t1-main", "t2-grid", "other-quick"]
+    assert cli.default_out("tables", "full") == ROOT / "paper"
+    assert cli.default_out("export", "full") == ROOT / "paper" / "runs"
+    assert cli.default_out("tables", "quick") == ROOT / "runs" / "paper-quick"
+    assert cli.default_out("export", "smoke") == ROOT / "runs" / "paper-smoke" / "runs"
+
+
+def test_a_size_without_runs_is_one_line_naming_its_experiments(tmp_path, capsys):
+    assert cli.main(["tables", "--size", "quick", "--source", str(ROOT / "paper" / "runs"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: no runs of t1-main-quick, t2-grid-quick, "
+                                       f"t3-ablations-quick in {ROOT / 'paper' / 'runs'}\n")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["tables", "--size", "big"])
+    assert exit_.value.code == 2

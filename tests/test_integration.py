@@ -246,7 +246,7 @@ def test_make_dashboard_shows_the_persisted_optuna_study_in_a_browser(tmp_path):
 
     env = sweep_env(tmp_path)
     run_sweep(ROOT / "sweeps" / "specs" / "quick.yaml", env, "--smoke")
-    spec = load_spec(ROOT / "sweeps" / "specs" / "quick.yaml", smoke=True)
+    spec = load_spec(ROOT / "sweeps" / "specs" / "quick.yaml", size="smoke")
     port = "8094"
     proc = subprocess.Popen(["make", "--no-print-directory", "dashboard", f"DASHBOARD_PORT={port}",
                              f"STUDIES=sqlite:///{tmp_path}/optuna.db"], cwd=ROOT, env=env,

@@ -1,5 +1,7 @@
-"""Sweep specs: validation (one test per kind of bad input), smoke overrides, spaces and grids."""
+"""Sweep specs: validation (one test per kind of bad input), the sizes' overrides (smoke, quick) and
+their names, spaces and grids."""
 
+import os
 import subprocess
 import sys
 import time
@@ -8,8 +10,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from sweeps import __main__ as cli
 from sweeps.space import DefineByRun
-from sweeps.spec import SpecError, SweepSpec, load_spec
+from sweeps.spec import SIZES, SpecError, SweepSpec, load_spec
 
 from .conftest import ROOT
 from .sweep_helpers import edit_spec
@@ -93,6 +96,8 @@ BAD = {
                                    "scheduler.grace_period: expected an integer in [1, "),
     "unknown scheduler": (edited(scheduler={"name": "pbt"}), "scheduler.name: expected one of"),
     "unknown smoke key": (edited(smoke={"epochs": 1}), "smoke.epochs: unknown key"),
+    "unknown quick key": (edited(quick={"max_trials": 10}), "quick.max_trials: unknown key"),
+    "a size section that is no mapping": (edited(quick=[1]), "quick: expected a mapping, got list"),
     # spec files of any content
     "python tag": ("name: !!python/object/apply:os.system [ls]\n",
                    "line 1: the tag !!python/object/apply:os.system is not allowed"),
@@ -227,20 +232,170 @@ def test_the_command_exits_2_before_importing_ray_or_mlflow(tmp_path):
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-@pytest.mark.parametrize("smoke", [False, True])
-def test_shipped_specs_are_valid_and_say_how_to_launch_them(path, smoke):
-    spec = load_spec(path, smoke=smoke)
-    assert spec.num_trials >= 1 and spec.smoke == smoke
+@pytest.mark.parametrize("size", ["", "smoke"])
+def test_shipped_specs_are_valid_and_say_how_to_launch_them(path, size):
+    spec = load_spec(path, size=size)
+    assert spec.num_trials >= 1 and spec.size == size and spec.smoke == (size == "smoke")
     header = path.read_text().split("\n\n")[0]
     assert header.startswith("#") and "make sweep" in header
 
 
-def test_smoke_overrides_merge_into_the_sections(tmp_path):
-    text = edited(smoke={"fixed": {"budget.epochs": 1}, "search": {"samples": 2}})
-    full, smoke = load_spec(write(tmp_path, text)), load_spec(write(tmp_path, text), smoke=True)
-    assert (full.epochs, full.search.samples) == (3, 4)
-    assert (smoke.epochs, smoke.search.samples, smoke.fixed["data.name"]) == (1, 2, "synthetic")
-    assert smoke.sweep_id != full.sweep_id and smoke.experiment == "t-smoke"
+# The sweep ids of the shipped specs, as written and at smoke size: recorded sweeps resume and are
+# read under these ids. An edit of a spec's meaning changes them (update this table with it); a change
+# of the code must not.
+SHIPPED_IDS = {
+    "sweeps/specs/quick.yaml": ("quick-7b42210b", "quick-smoke-bdd85175"),
+    "sweeps/specs/t1_main.yaml": ("t1-main-62b48713", "t1-main-smoke-69f25c69"),
+    "sweeps/specs/t2_grid.yaml": ("t2-grid-77b9b5ef", "t2-grid-smoke-447c81c7"),
+    "sweeps/specs/t3_ablations.yaml": ("t3-ablations-18afe604", "t3-ablations-smoke-df972dcb"),
+    "tests/specs/cluster_16.yaml": ("cluster-16-19f51d68", None),
+    "tests/specs/cluster_faults.yaml": ("cluster-faults-5f0ac52e", None),
+    "tests/specs/cluster_smoke.yaml": ("cluster-smoke-cd2f34e1", None),
+    "tests/specs/cluster_worker_loss.yaml": ("cluster-worker-loss-61a9b43a", None),
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED_IDS)
+def test_shipped_specs_keep_their_sweep_ids(name):
+    full, smoke = SHIPPED_IDS[name]
+    assert load_spec(ROOT / name).sweep_id == full
+    if smoke:
+        assert load_spec(ROOT / name, size="smoke").sweep_id == smoke
+    else:
+        with pytest.raises(SpecError, match="has no `smoke:` section"):
+            load_spec(ROOT / name, size="smoke")
+
+
+# SIZE=quick is the 6-epoch study on 20,000 images of the README's results, whatever the specs'
+# main bodies become: its settings and sweep ids stay these.
+PAPER_QUICK = {"t1_main": (96, [0, 1, 2], "t1-main-quick-6635a37b"),
+               "t2_grid": (80, [0], "t2-grid-quick-4058e309"),
+               "t3_ablations": (24, [0, 1, 2], "t3-ablations-quick-05600d3d")}
+
+
+@pytest.mark.parametrize("name", PAPER_QUICK)
+def test_the_paper_specs_quick_size_is_the_six_epoch_study(name):
+    trials, seeds, sweep_id = PAPER_QUICK[name]
+    spec = load_spec(ROOT / "sweeps" / "specs" / f"{name}.yaml", size="quick")
+    assert (spec.experiment, spec.sweep_id) == (f"{spec.name}-quick", sweep_id)
+    config = spec.trial_config({})
+    assert (config.data.name, config.data.train_size, config.budget.epochs,
+            config.budget.batch_size) == ("fashion_mnist", 20000, 6, 128)
+    assert (spec.num_trials, list(spec.seeds)) == (trials, seeds)
+    header = (ROOT / "sweeps" / "specs" / f"{name}.yaml").read_text().split("\n\n")[0]
+    assert "SIZE=quick" in header
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_sizes_overrides_merge_into_the_sections(size, tmp_path):
+    text = edited(**{size: {"fixed": {"budget.epochs": 1}, "search": {"samples": 2}}})
+    full, sized = load_spec(write(tmp_path, text)), load_spec(write(tmp_path, text), size=size)
+    assert (full.epochs, full.search.samples, full.size) == (3, 4, "")
+    assert (sized.epochs, sized.search.samples, sized.fixed["data.name"]) == (1, 2, "synthetic")
+    assert sized.size == size and sized.smoke == (size == "smoke")
+    assert sized.sweep_id != full.sweep_id and sized.experiment == f"t-{size}"
+
+
+def test_the_sizes_are_separate_sweeps_named_after_them(tmp_path):
+    path = write(tmp_path, GOOD + "smoke: {fixed: {budget.epochs: 1}}\nquick: {fixed: {budget.epochs: 2}}\n")
+    full, smoke, quick = (load_spec(path, size=size) for size in ("", "smoke", "quick"))
+    assert (full.experiment, smoke.experiment, quick.experiment) == ("t", "t-smoke", "t-quick")
+    assert full.sweep_id == f"t-{full.digest[:8]}" and smoke.sweep_id == f"t-smoke-{smoke.digest[:8]}"
+    assert quick.sweep_id == f"t-quick-{quick.digest[:8]}"
+    assert (full.epochs, smoke.epochs, quick.epochs) == (3, 1, 2)
+    # the spec as written and its smoke size mean what they meant before sizes had names
+    assert "size" not in full.meaning() and "size" not in smoke.meaning()
+    assert (full.meaning()["smoke"], smoke.meaning()["smoke"]) == (False, True)
+    assert quick.meaning()["size"] == "quick" and quick.meaning()["smoke"] is False
+
+
+def test_a_quick_section_equal_to_the_body_is_still_its_own_sweep(tmp_path):
+    path = write(tmp_path, GOOD + "quick: {fixed: {budget.epochs: 3}}\n")
+    full, quick = load_spec(path), load_spec(path, size="quick")
+    assert {k: v for k, v in quick.meaning().items() if k != "size"} == full.meaning()
+    assert quick.digest != full.digest and quick.sweep_id.startswith("t-quick-")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_size_the_spec_does_not_define_is_one_line(size, tmp_path):
+    other = next(s for s in SIZES if s != size)
+    path = write(tmp_path, GOOD + f"{other}: {{fixed: {{budget.epochs: 1}}}}\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path, size=size)
+    assert str(err.value) == (f"{path} has no `{size}:` section, so no {size} size (sizes it "
+                              f"defines: {other})")
+    with pytest.raises(SpecError, match=r"unknown size 'big' \(one of smoke, quick"):
+        load_spec(path, size="big")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweeps", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_check_takes_a_size():
+    proc = run_cli("check", "--size", "quick", "sweeps/specs/t1_main.yaml", "sweeps/specs/t2_grid.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["sweeps/specs/t1_main.yaml: ok (96 trials, grid)",
+                                        "sweeps/specs/t2_grid.yaml: ok (80 trials, grid)"]
+    for args in (["--smoke"], ["--size", "smoke"]):
+        proc = run_cli("check", *args, "sweeps/specs/t1_main.yaml")
+        assert proc.stdout == "sweeps/specs/t1_main.yaml: ok (8 trials, grid)\n", proc.stderr
+
+
+def test_a_size_the_spec_lacks_or_no_size_at_all_exits_2():
+    proc = run_cli("run", "--size", "quick", "sweeps/specs/quick.yaml")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("error: sweeps/specs/quick.yaml has no `quick:` section, so no quick size "
+                           "(sizes it defines: smoke)\n")
+    proc = run_cli("check", "--size", "big", "sweeps/specs/quick.yaml")
+    assert proc.returncode == 2 and "invalid choice: 'big'" in proc.stderr
+    proc = run_cli("check", "--smoke", "--size", "quick", "sweeps/specs/t1_main.yaml")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "hint"), [
+    ([], "make sweep SPEC=s.yaml"), (["--size", "full"], "make sweep SPEC=s.yaml"),
+    (["--smoke"], "make sweep SPEC=s.yaml SIZE=smoke"),
+    (["--size", "quick"], "make sweep SPEC=s.yaml SIZE=quick")])
+def test_the_resume_hint_names_the_size(args, hint):
+    parser = cli.argparse.ArgumentParser()
+    parser.add_argument("spec")
+    cli.add_size(parser)
+    assert cli.resume_command(parser.parse_args(["s.yaml", *args])) == hint
+
+
+def make_dry_run(*args: str) -> subprocess.CompletedProcess:
+    """What `make -n ARGS` would run (nothing is run), with no size or cluster from the environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SIZE", "SMOKE", "SPEC", "RAY_ADDRESS")}
+    return subprocess.run(["make", "-n", "--no-print-directory", *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=60)
+
+
+@pytest.mark.parametrize(("make_args", "expected"), [
+    (["sweep", "SPEC=sweeps/specs/t1_main.yaml", "SIZE=quick"],
+     ["-m sweeps check --reachable --size quick sweeps/specs/t1_main.yaml",
+      "-m sweeps run --size quick sweeps/specs/t1_main.yaml"]),
+    (["sweep", "SMOKE=1"], ["-m sweeps run --size smoke sweeps/specs/quick.yaml"]),
+    (["sweep"], ["-m sweeps run sweeps/specs/quick.yaml"]),
+    (["paper", "SIZE=quick"], ["-m sweeps run --size quick $spec", "-m analysis tables --size quick"]),
+    (["paper"], ["-m sweeps run $spec", "-m analysis export", "-m analysis tables"]),
+    (["tables", "SIZE=smoke"], ["-m analysis tables --size smoke"]),
+])
+def test_make_passes_the_size_on(make_args, expected):
+    proc = make_dry_run(*make_args)
+    assert proc.returncode == 0, proc.stderr
+    lines = [" ".join(line.split()) for line in proc.stdout.splitlines()]
+    for want in expected:
+        assert any(want in line for line in lines), (want, lines)
+
+
+@pytest.mark.parametrize(("make_args", "message"), [
+    (["sweep", "SIZE=huge"], "SIZE=huge: expected full, quick or smoke"),
+    (["sweep", "SIZE=quick", "SMOKE=1"], "SMOKE=1 means SIZE=smoke, not SIZE=quick")])
+def test_make_refuses_a_size_it_does_not_know(make_args, message):
+    proc = make_dry_run(*make_args)
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 SAME_MEANING = {
@@ -276,6 +431,7 @@ search:
     "defaults spelled out": GOOD + "seeds: [0]\nmax_failures: 2\nscheduler: {name: asha}\n",
     "max_trials": GOOD + "max_trials: 50\n",
     "a smoke section (full load)": GOOD + "smoke: {fixed: {budget.epochs: 1}}\n",
+    "a quick section (full load)": GOOD + "quick: {fixed: {budget.epochs: 1}}\n",
 }
 OTHER_MEANING = {
     "a fixed value": GOOD.replace("budget.epochs: 3", "budget.epochs: 4"),
@@ -305,7 +461,7 @@ def test_a_changed_meaning_is_another_sweep(change, tmp_path):
 
 def test_smoke_and_full_sweeps_have_different_ids(tmp_path):
     path = write(tmp_path, GOOD + "smoke: {}\n")
-    full, smoke = load_spec(path), load_spec(path, smoke=True)
+    full, smoke = load_spec(path), load_spec(path, size="smoke")
     assert full.digest != smoke.digest and smoke.sweep_id.startswith("t-smoke-")
 
 
@@ -439,10 +595,11 @@ seeds: [0, 1]
 
 def test_a_smoke_override_of_null_removes_a_space_entry(tmp_path):
     text = edited(**{"smoke/space": {"model.arch": {"choice": ["mlp"]}, "model.code_bits": None}})
-    assert [d.key for d in load_spec(write(tmp_path, text), smoke=True).space] == ["activation.p",
-                                                                                    "model.arch"]
+    assert [d.key for d in load_spec(write(tmp_path, text), size="smoke").space] == ["activation.p",
+                                                                                      "model.arch"]
     with pytest.raises(SpecError, match="'bottleneck' is never a value of model.arch"):
-        load_spec(write(tmp_path, edited(**{"smoke/space": {"model.arch": {"choice": ["mlp"]}}})), smoke=True)
+        load_spec(write(tmp_path, edited(**{"smoke/space": {"model.arch": {"choice": ["mlp"]}}})),
+                  size="smoke")
 
 
 def test_a_condition_may_name_a_key_the_variants_set(tmp_path):

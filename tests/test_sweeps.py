@@ -57,7 +57,7 @@ def start_one_slow_trial(tmp_path, name: str, epochs: int):
 def test_every_shipped_spec_runs_end_to_end_at_smoke_size(path, tmp_path):
     env = sweep_env(tmp_path)
     out = run_sweep(path, env, "--smoke")
-    spec = load_spec(path, smoke=True)
+    spec = load_spec(path, size="smoke")
     assert f"{spec.sweep_id}: {spec.num_trials} trials, 0 failed" in out
     children = assert_complete(spec, env)
     assert all(c.info.status == "FINISHED" for c in children)

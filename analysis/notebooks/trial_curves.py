@@ -13,7 +13,8 @@
 #
 # The long per-epoch frame (`run_id`, `key`, `step`, `value`) joined with the params of the trials that
 # ran their whole budget: how binary- and soft-eval validation accuracy and the activation diagnostics
-# evolve, per variant (T1). `ANALYSIS_T1_SWEEP` names the sweep to read instead of the latest complete one.
+# evolve, per variant (T1). `ANALYSIS_T1_SWEEP` names the sweep to read instead of the latest complete one;
+# `ANALYSIS_SIZE=quick|smoke` reads the T1 sweeps of that size of the spec (`ANALYSIS_SMOKE=1`: smoke).
 
 # %%
 import os
@@ -24,8 +25,8 @@ from analysis import paper, runs
 from analysis.__main__ import default_source
 from analysis.tables import finished
 
-smoke = os.environ.get("ANALYSIS_SMOKE") == "1"
-experiment = paper.experiments(smoke)["t1"]
+size = os.environ.get("ANALYSIS_SIZE") or ("smoke" if os.environ.get("ANALYSIS_SMOKE") == "1" else "full")
+experiment = paper.experiments(size)["t1"]
 loaded = runs.load(os.environ.get("ANALYSIS_SOURCE") or default_source([experiment]), [experiment],
                    os.environ.get("ANALYSIS_T1_SWEEP", "").split())
 print(*loaded.selection, sep="\n")
