@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis.tables import summarize
+from analysis.runs import Runs
+from analysis.tables import ARCH_ORDER, Table, finished, provenance, summarize
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,67 @@ def verdict(lo: float, hi: float, a: object, b: object) -> str:
     if hi < 0:
         return f"{a} < {b}"
     return "not shown"
+
+
+VARIANT, BINARY = "tags.trial.variant", "metrics.test/accuracy_binary"
+T1_CLAIMS = (
+    Claim("soft/binary test gap: p = 0.5 against p = 0", VARIANT, "p0.5", "p0", "gap"),
+    Claim("binary test accuracy: p = 1 against p = 0.5", VARIANT, "p1", "p0.5", BINARY),
+    Claim("binary test accuracy: ste against p = 0.5", VARIANT, "ste", "p0.5", BINARY),
+    Claim("binary test accuracy: hard_sigmoid against p = 0.5", VARIANT, "hard_sigmoid", "p0.5",
+          BINARY),
+)
+SLOPE = "params.activation.slope"
+
+
+def slope_claims(runs: Runs) -> list[Claim]:
+    """T2's slope effect: the steepest slope of the grid against the flattest, at every other
+    setting of the grid (architecture, p, cutoff)."""
+    slopes = sorted(runs.trials.get(SLOPE, pd.Series(dtype=float)).dropna().unique())
+    if len(slopes) < 2:
+        return []
+    return [Claim(f"binary test accuracy: slope {slopes[-1]:g} against {slopes[0]:g}", SLOPE,
+                  slopes[-1], slopes[0], BINARY,
+                  ("params.model.arch", "params.activation.p", "params.activation.cutoff"))]
+
+
+def claims_table(parts: list[tuple[Runs, list[Claim]]], name: str, title: str) -> Table:
+    """The paired comparisons of each experiment's trials that ran to their end, in points
+    (differences x 100): mean difference, 95% interval, pairs and the verdict."""
+    rows = []
+    for runs, claims in parts:
+        trials = finished(runs)
+        for claim in claims:
+            table = paired(trials, claim)
+            rank = len({r["finding"] for r in rows})  # findings in the order they are given
+            for _, row in table.iterrows():
+                where = ", ".join(_where(column, row[column]) for column in claim.within)
+                rows.append({"finding": claim.finding, "where": where, "pairs": int(row["n"]),
+                             "A - B (points)": _points(row["mean"]),
+                             "95% interval": _interval(row["lo"], row["hi"]),
+                             "verdict": row["verdict"], "_order": (rank, *_order(row, claim))})
+    frame = pd.DataFrame(rows, columns=["finding", "where", "pairs", "A - B (points)",
+                                        "95% interval", "verdict", "_order"])
+    frame = frame.sort_values("_order", kind="stable").drop(columns="_order")
+    runs_read = [runs for runs, _ in parts]
+    return Table(name, title, frame.reset_index(drop=True),
+                 "; ".join(provenance(runs) for runs in runs_read))
+
+
+def _where(column: str, value: object) -> str:
+    label = column.removeprefix("params.").removeprefix("activation.").removeprefix("model.")
+    return f"{label} {value:g}" if isinstance(value, float) else str(value)
+
+
+def _order(row: pd.Series, claim: Claim) -> tuple:
+    arch = row.get("params.model.arch")
+    return (ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER),
+            *[row[c] for c in claim.within if c != "params.model.arch"])
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def _interval(lo: float, hi: float) -> str:
+    return "—" if pd.isna(lo) else f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from analysis import figures
 from analysis.checks import checks
+from analysis.claims import T1_CLAIMS, claims_table, slope_claims
 from analysis.importance import importance_lines
 from analysis.runs import Runs
 from analysis.tables import (
@@ -62,6 +63,7 @@ def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path
     tables: list[Table] = []
     pngs: list[Path] = []
     notes: list[str] = []
+    claimed = []  # (an experiment's runs, the paired comparisons made on them)
     fig_dir = out / "figures"
     if names["t1"] in runs.experiments:
         t1 = runs.of(names["t1"])
@@ -79,6 +81,7 @@ def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path
         ]
         pngs.append(figures.learning_curves(t1, fig_dir / "t1_learning_curves.png"))
         notes += checks(t1)
+        claimed.append((t1, list(T1_CLAIMS)))
     if names["t2"] in runs.experiments:
         t2 = runs.of(names["t2"])
         tables += grid_tables(t2, "t2_binary", "metrics.test/accuracy_binary",
@@ -97,12 +100,16 @@ def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path
             figures.gap_against_p(t2, fig_dir / "t2_gap_vs_p.png"),
         ]
         notes += checks(t2) + importance_lines(t2)
+        claimed.append((t2, slope_claims(t2)))
     if names["t3"] in runs.experiments:
         t3 = runs.of(names["t3"])
         tables.append(accuracy_table(t3, "t3_ablations", "T3 ablations of the default unit "
                                      "(mlp, p = 0.5, c = 1.2)", ["tags.trial.variant"],
                                      variants(t3)))
         notes += checks(t3)
+    if claimed:
+        tables.append(claims_table(claimed, "claims", "Paired differences over seeds behind the "
+                                   "findings (A - B; verdict by the 95% interval)"))
     for table in tables:
         table.write(out / "tables")
     (out / "checks.md").write_text("# Checks\n\n" + "".join(f"- {n}\n" for n in notes))

@@ -261,7 +261,7 @@ def _label(column: str) -> str:
 def _signs(value) -> str:
     """After pandas' LaTeX escaping: the non-ASCII signs of the cells as LaTeX."""
     text = str(value)
-    for sign, tex in (("±", r"$\pm$"), ("—", "--"), ("≥", r"$\geq$")):
+    for sign, tex in (("±", r"$\pm$"), ("—", "--"), ("≥", r"$\geq$"), ("<", "$<$"), (">", "$>$")):
         text = text.replace(sign, tex)
     return text
 
