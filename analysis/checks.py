@@ -59,20 +59,21 @@ def still_improving(runs: Runs) -> list[str]:
     E - b < max(k, 1): no plateau of k epochs had begun (without a patience: the last epoch was the
     best)."""
     trials = runs.trials[ran_to_end(runs)]
-    found = []
-    for _, trial in trials.iterrows():
-        budget, patience = trial["params.budget.epochs"], trial.get("params.budget.patience", 0)
-        patience = 0 if pd.isna(patience) else int(patience)
-        monitor = trial.get("params.budget.monitor")
-        monitor = "val/accuracy_binary" if pd.isna(monitor) else monitor
-        curve = runs.history[(runs.history["run_id"] == trial["run_id"])
-                             & (runs.history["key"] == monitor)].sort_values("step")
-        if curve.empty or curve["step"].max() < budget:
-            continue
-        best = int(curve.loc[curve["value"].idxmax(), "step"])  # idxmax: the first of the highest
-        if budget - best < max(patience, 1):
-            found.append(str(trial["tags.trial.id"]))
-    return found
+    column = trials.get("params.budget.monitor", pd.Series(index=trials.index, dtype=object))
+    monitored = pd.DataFrame({"run_id": trials["run_id"],
+                              "key": column.fillna("val/accuracy_binary")})
+    curves = runs.history.merge(monitored, on=["run_id", "key"]).sort_values(
+        ["run_id", "step"], kind="stable").reset_index(drop=True)
+    if curves.empty:
+        return []
+    by_run = curves.groupby("run_id")
+    best = curves.loc[by_run["value"].idxmax(), ["run_id", "step"]].set_index("run_id")["step"]
+    last = by_run["step"].max()  # idxmax above: the first of the highest values, by step
+    patience = trials.get("params.budget.patience", pd.Series(0, index=trials.index)).fillna(0)
+    budget = trials["params.budget.epochs"]
+    run = trials["run_id"]
+    flagged = (run.map(last) >= budget) & (budget - run.map(best) < patience.clip(lower=1))
+    return [str(t) for t in trials.loc[flagged, "tags.trial.id"]]
 
 
 def _outcomes(runs: Runs) -> str:

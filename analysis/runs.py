@@ -16,22 +16,33 @@ belong to no sweep and are never read.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 
-from study.names import EPOCH_METRICS, FINAL_METRICS, TRIAL_CONSTANTS
+from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 
-HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, *TRIAL_CONSTANTS)
+HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS)
 EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "trial.id", "trial.variant", "trial.setting",
                  "trial.epochs", "trial.stopped_early", "trial.failure", "seed", "spec.path",
                  "spec.hash", "git.commit", "git.dirty")
 _ORDER = ["experiment", "tags.sweep.id", "tags.sweep.role", "tags.trial.id", "run_id"]
 COMPLETE = "FINISHED"  # the parent run's status once its sweep ran to its end
 NO_PARENT = "no parent run"
+# Metric histories are read in bulk, one key at a time (`_histories`). A SQL store: one query per
+# chunk of runs, under SQLite's 32,766 bound variables (SQL Server's 2,100), of at most SQL_MAX_RESULTS
+# rows (a full answer is split, `_bulk`). SQLite's planner answers it from the primary key (key,
+# timestamp, ...), reading every row of the key in the store per query: few, large chunks keep the
+# load linear in the runs. A tracking server's get-history-bulk endpoint takes at most 100 runs and
+# answers at most 25,000 rows per request.
+SQL_CHUNK, MSSQL_CHUNK, SQL_MAX_RESULTS = 30_000, 2_000, 1_000_000
+REST_CHUNK, REST_MAX_RESULTS = 100, 25_000
+REST_BULK = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"
 
 
 class SelectionError(ValueError):
@@ -69,11 +80,69 @@ def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str]
             rows += [_row(name, run) for run in _every_run(client, experiment.experiment_id)]
     empty = pd.DataFrame(columns=["run_id", "key", "step", "value"])
     runs = select(_typed(pd.DataFrame(rows), empty), sweeps)
-    history = [(trial["run_id"], key, m.step, m.value) for _, trial in runs.trials.iterrows()
-               for key in HISTORY_KEYS if pd.notna(trial.get(f"metrics.{key}"))
-               for m in client.get_metric_history(trial["run_id"], key)]
-    return Runs(runs.trials, runs.parents, _typed_history(pd.DataFrame(history, columns=empty.columns)),
-                runs.selection)
+    wanted = {key: list(runs.trials.loc[runs.trials[column].notna(), "run_id"])
+              for key in HISTORY_KEYS if (column := f"metrics.{key}") in runs.trials}
+    history = pd.DataFrame(_histories(client, wanted), columns=empty.columns)
+    return Runs(runs.trials, runs.parents, _typed_history(history), runs.selection)
+
+
+def _histories(client, wanted: dict[str, list[str]]) -> list[tuple]:
+    """(run_id, key, step, value) of every logged value of each key of its runs (`wanted`), each
+    run's in its store's order (time, step, value). SQL stores and tracking servers are read in bulk,
+    a query per key and chunk of runs (linear in the runs); other stores, a query per run and key."""
+    reader = _bulk_reader(client)
+    if reader is None:
+        return [row for key, ids in wanted.items() for run_id in ids
+                for row in _one_run(client, run_id, key)]
+    fetch, chunk, limit = reader
+    return [row for key, ids in wanted.items() for start in range(0, len(ids), chunk)
+            for row in _bulk(client, fetch, ids[start:start + chunk], key, limit)]
+
+
+def _bulk_reader(client) -> tuple[Callable, int, int] | None:
+    """(fetch(run_ids, key, limit) -> rows, runs per fetch, rows per fetch), or None for a store
+    without a bulk read (file store, Databricks...)."""
+    if urlparse(client.tracking_uri).scheme in ("http", "https"):
+        from mlflow.utils.credentials import get_default_host_creds
+
+        # the credentials and TLS settings MLflow's own REST client uses (MLFLOW_TRACKING_TOKEN...)
+        creds = get_default_host_creds(client.tracking_uri)
+        return partial(_rest_fetch, creds), REST_CHUNK, REST_MAX_RESULTS
+    store = client._tracking_client.store  # private: MlflowClient does not expose its store
+    if not hasattr(store, "get_metric_history_bulk"):  # only the SQL stores (SqlAlchemyStore) have it
+        return None
+    return (partial(_sql_fetch, store), MSSQL_CHUNK if store.db_type == "mssql" else SQL_CHUNK,
+            SQL_MAX_RESULTS)
+
+
+def _bulk(client, fetch: Callable, run_ids: list[str], key: str, limit: int) -> list[tuple]:
+    """The rows of `key` of `run_ids` in one fetch; when it comes back full (perhaps cut at
+    `limit`), those of each half of the runs, down to one run read page by page."""
+    rows = fetch(run_ids, key, limit)
+    if len(rows) < limit:
+        return rows
+    if len(run_ids) == 1:
+        return _one_run(client, run_ids[0], key)
+    half = len(run_ids) // 2
+    return (_bulk(client, fetch, run_ids[:half], key, limit)
+            + _bulk(client, fetch, run_ids[half:], key, limit))
+
+
+def _one_run(client, run_id: str, key: str) -> list[tuple]:
+    return [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def _sql_fetch(store, run_ids: list[str], key: str, limit: int) -> list[tuple]:
+    return [(m.run_id, key, m.step, m.value)
+            for m in store.get_metric_history_bulk(run_ids, key, max_results=limit)]
+
+
+def _rest_fetch(host_creds, run_ids: list[str], key: str, limit: int) -> list[tuple]:
+    from mlflow.utils.rest_utils import http_request_safe
+
+    response = http_request_safe(host_creds, REST_BULK, "GET",
+                                 params={"run_id": run_ids, "metric_key": key, "max_results": limit})
+    return [(m["run_id"], key, m["step"], m["value"]) for m in response.json()["metrics"]]
 
 
 def _every_run(client, experiment_id: str, page: int = 10_000) -> list:
