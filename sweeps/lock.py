@@ -8,7 +8,9 @@ start time, command) so that a refused second launch can say who is running.
 
 On an object store (s3://...), which has no locks, the lock is an object `.drivers/SWEEP_ID.lock`
 with a heartbeat the holder rewrites every `BEAT_S` seconds; it is stale once its heartbeat is older
-than `STALE_S`. A launch writes its own token and reads it back twice, a settling pause apart, so of
+than `STALE_S`, or at once when its holder ran on this machine (same kernel boot and PID namespace,
+where its pid means the same process) and is gone, so that a killed driver resumed where it ran is
+not refused. A launch writes its own token and reads it back twice, a settling pause apart, so of
 two drivers started together only the one whose write landed last holds it.
 """
 
@@ -26,7 +28,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sweeps.preflight import SweepError
+from sweeps.preflight import SweepError, storage_join
 
 BEAT_S = 10.0
 STALE_S = 60.0
@@ -45,7 +47,30 @@ def holder_text(info: dict) -> str:
 def _me(token: str) -> dict:
     now = time.time()
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now,
-            "token": token, "command": " ".join(sys.argv)[:300]}
+            "token": token, "command": " ".join(sys.argv)[:300], "machine": _machine()}
+
+
+def _machine() -> str:
+    """This kernel boot and PID namespace ("" where /proc does not tell): within them a pid names
+    one process, so a lock holder's pid can be checked with kill(pid, 0)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _gone_from_here(info: dict) -> bool:
+    """The holder ran on this machine and its process no longer exists."""
+    if not info.get("machine") or info["machine"] != _machine() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by another user
+        return False
+    return False
 
 
 class DriverLock:
@@ -53,9 +78,8 @@ class DriverLock:
 
     def __init__(self, storage: str, sweep_id: str):
         self.sweep_id = sweep_id
-        base = storage.rstrip("/")
-        self.remote = urlparse(base).scheme not in ("", "file")
-        self.path = f"{base}/.drivers/{sweep_id}.lock"
+        self.remote = urlparse(storage).scheme not in ("", "file")
+        self.path = storage_join(storage, ".drivers", f"{sweep_id}.lock")
         self.token = uuid.uuid4().hex
         self._file = None
         self._stop = threading.Event()
@@ -96,7 +120,8 @@ class DriverLock:
         """Who holds the lock, if a live driver does (probing without taking it for long)."""
         if self.remote:
             info = self._read_object()
-            return info if info and time.time() - info.get("heartbeat", 0) < STALE_S else None
+            live = info and time.time() - info.get("heartbeat", 0) < STALE_S
+            return info if live and not _gone_from_here(info) else None
         path = Path(urlparse(self.path).path)
         if not path.exists():
             return None
@@ -140,7 +165,11 @@ class DriverLock:
         if held and held.get("token") != self.token:
             raise SweepLocked(self._refusal(held))
         info = _me(self.token)
-        self._write_object(info)
+        try:  # the sweep's first write to the store: credentials that may only read fail here
+            self._write_object(info)
+        except OSError as err:
+            detail = str(err).split(" (Request ID", 1)[0]
+            raise SweepError(f"the driver lock {self.path} cannot be written ({detail})") from None
         for _ in range(2):  # a rival whose check came before our write writes within a settle
             time.sleep(SETTLE_S)
             winner = self._read_object()

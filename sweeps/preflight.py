@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import socket
 import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import quote, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 from study.config import one_line
 
@@ -63,7 +64,8 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
 def check_storage(storage: str) -> None:
     """Ray Tune's storage (STORAGE): an absolute local folder that exists or can be created, and can
-    be written, or a URI of a filesystem pyarrow opens (s3://, gs://, ...). Creates nothing."""
+    be written, or a URI of a filesystem pyarrow opens (s3://, gs://, ...) whose prefix can be
+    listed; on s3:// its bucket must exist. Creates nothing (the driver lock is the first write)."""
     try:
         parsed = urlparse(storage)
     except ValueError as err:
@@ -231,15 +233,61 @@ def _check_database(uri: str, dialect: str, timeout: float,
         raise SweepError(f"{where} is unreachable ({err.strerror or err})") from None
 
 
+def storage_join(storage: str, *parts: str) -> str:
+    """STORAGE with path segments appended; a URI's query (s3://bucket/prefix?endpoint_override=...)
+    stays at the end, where pyarrow and Ray read it."""
+    base, mark, query = storage.partition("?") if "://" in storage else (storage, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
+
+
+# What pyarrow's "AWS Error CODE" means for the user, by code.
+_S3_PROBLEMS = {
+    "NETWORK_CONNECTION": "the endpoint is unreachable",
+    "INVALID_ACCESS_KEY_ID": "the credentials are refused",
+    "SIGNATURE_DOES_NOT_MATCH": "the credentials are refused",
+    "ACCESS_DENIED": "access is denied",
+    "UNRECOGNIZED_CLIENT": "the credentials are refused",
+    "EXPIRED_TOKEN": "the credentials have expired",
+}
+
+
 def _check_remote_storage(storage: str) -> None:
+    """pyarrow opens the URI, and on an object store lists the prefix (read-only: an unreachable
+    endpoint or refused credentials fail here, with the endpoint named); an s3:// bucket exists."""
     import pyarrow
     import pyarrow.fs
 
+    where = f"STORAGE {_masked(storage)!r}"
     try:
-        pyarrow.fs.FileSystem.from_uri(storage)
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
     except (pyarrow.ArrowException, OSError, ValueError) as err:
-        raise SweepError(f"STORAGE {storage!r}: pyarrow (Ray's storage layer) cannot open it "
+        raise SweepError(f"{where}: pyarrow (Ray's storage layer) cannot open it "
                          f"({_first_line(err)})") from None
+    if filesystem.type_name != "s3":
+        return
+    where += f" at endpoint {s3_endpoint(storage)}"
+    bucket = path.split("/", 1)[0]
+    try:
+        filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        missing = filesystem.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound
+    except OSError as err:
+        text = _first_line(err).split(" (Request ID", 1)[0]
+        code = re.search(r"AWS Error (\w+)", text)
+        problem = _S3_PROBLEMS.get(code.group(1) if code else "", "it cannot be listed")
+        raise SweepError(f"{where}: {problem} ({text})") from None
+    if missing:
+        raise SweepError(f"{where}: bucket {bucket!r} does not exist (create it, or check the "
+                         f"endpoint: AWS_ENDPOINT_URL or ?endpoint_override=)")
+
+
+def s3_endpoint(storage: str) -> str:
+    """The endpoint pyarrow uses for an s3:// URI: its endpoint_override, else AWS_ENDPOINT_URL_S3
+    or AWS_ENDPOINT_URL (pyarrow >= 15, boto3 and so MLflow read them too), else AWS itself."""
+    query = parse_qs(urlparse(storage).query)
+    if query.get("endpoint_override"):
+        return f"{query.get('scheme', ['https'])[0]}://{query['endpoint_override'][0]}"
+    return (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            or "AWS (no AWS_ENDPOINT_URL)")
 
 
 def _unwritable(folder: Path) -> str | None:
@@ -260,7 +308,8 @@ def _first_line(err: Exception) -> str:
 
 
 def _masked(uri: str) -> str:
-    """The URI with its password, if any, replaced by ***."""
+    """The URI with its password and any secret_key= or session_token= value replaced by ***."""
+    uri = re.sub(r"((?:secret_key|session_token)=)[^&]*", r"\1***", uri)
     try:
         password = urlparse(uri).password
     except ValueError:

@@ -53,6 +53,17 @@ class StudySearch(OptunaSearch):
         super().restore(checkpoint_path)
         forget_orphans(self)
 
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        """Ray's OptunaSearch, then the finished trial's Optuna handle is dropped: Ray keeps one
+        per trial for good (~240 B each in the searcher's pickle, rewritten at every snapshot of
+        the experiment), yet never reads it again once the trial is in `_completed_trials`, which
+        its hooks check first; the study holds the told trial, and `forget_orphans` needs only
+        the handles of trials not yet told (those it must not close)."""
+        super().on_trial_complete(trial_id, result=result, error=error)
+        if trial_id in self._completed_trials:
+            self._ot_trials.pop(trial_id, None)
+
 
 def forget_orphans(searcher: OptunaSearch) -> int:
     """Close the study's RUNNING trials that `searcher` does not know; how many there were."""

@@ -150,6 +150,7 @@ class Summary:
         self.value: dict[str, float] = {}  # trial id -> last reported value of the metric
         self.settings: dict[str, dict[str, str]] = {}
         self.ended: dict[str, str] = {}  # trial id -> budget | scheduler | ... (see ENDINGS)
+        self._best: tuple[str, float] | None = None  # best() of `value`, kept up to date
 
     def settings_of(self, flat: dict[str, Any], variant: str | None) -> dict[str, str]:
         keys = [k for k in [dim.key for dim in self.spec.space] + ["seed"] if k in flat]
@@ -163,6 +164,7 @@ class Summary:
                 continue
             if self.spec.metric in run.data.metrics:
                 self.value[trial_id] = run.data.metrics[self.spec.metric]
+                self._best = None
             self.settings[trial_id] = self.settings_of(
                 {k: _param(v) for k, v in run.data.params.items()}, run.data.tags.get("trial.variant"))
             if run.data.tags.get("trial.ended") in self.ENDINGS:
@@ -174,14 +176,25 @@ class Summary:
             return False
         before = self.best()
         self.value[trial_id] = float(value)
+        new = (trial_id, float(value))
+        if before is None or math.isnan(before[1]) or (
+                before[0] == trial_id and self._rank(new) > self._rank(before)):
+            self._best = None  # worse than it was, the best may be another trial's now
+        else:
+            self._best = min(before, new, key=self._rank)
         return self.best() != before
 
     def best(self) -> tuple[str, float] | None:
-        if not self.value:
-            return None
-        pick = max if self.spec.mode == "max" else min
-        trial_id = pick(sorted(self.value), key=lambda t: self.value[t])
-        return trial_id, self.value[trial_id]
+        """The trial with the best last value (of equal ones, the first trial id in sorted
+        order) and its value. Kept by `report` (a new value against the best), so that a sweep
+        of N trials does not sort N values at every report."""
+        if self._best is None and self.value:
+            self._best = min(sorted(self.value.items()), key=self._rank)
+        return self._best
+
+    def _rank(self, item: tuple[str, float]) -> tuple[float, str]:
+        trial_id, value = item
+        return (-value if self.spec.mode == "max" else value), trial_id
 
     def metrics(self) -> dict[str, float]:
         counts = dict.fromkeys(self.ENDINGS.values(), 0)
@@ -241,6 +254,7 @@ class MlflowTracker(tune.Callback):
         self.parent_run_id, self.tags, self.dataset = parent_run_id, tags, dataset
         self.client = MlflowClient(tracking_uri)
         self.runs: dict[str, str] = {}  # trial id -> run id
+        self.found: dict[str, str] | None = None  # trial id -> run id of runs already there
         self.last_step: dict[str, int] = {}  # run id -> last epoch logged
         self.seen: set[str] = set()  # trials that ran in this driver
         self.ended: set[str] = set()  # trials that ended by their own rule (or failed) here
@@ -317,11 +331,9 @@ class MlflowTracker(tune.Callback):
     def _open(self, trial_id: str, config: dict, start: bool = False) -> None:
         """The trial's run, created or found again; a trial that starts (again: resumed after an
         interruption, retried after an error) has its run RUNNING until it is closed anew."""
-        existing = find_runs(self.client, self.exp_id,
-                             {"sweep.id": self.spec.sweep_id, "trial.id": trial_id})
+        run = self._find_run(trial_id)
         trial_config = self.spec.trial_config(config)
-        if existing:
-            run = existing[0]
+        if run is not None:
             run_id = run.info.run_id
             self.last_step[run_id] = max(self._epochs(run_id), default=0)
             missing = {k: v for k, v in flat_to_strings(trial_config.to_flat()).items()
@@ -354,6 +366,27 @@ class MlflowTracker(tune.Callback):
             self.summary.settings[trial_id] = settings
             self.last_step[run_id] = 0
         self.runs[trial_id] = run_id
+
+    def _find_run(self, trial_id: str):
+        """The trial's (active) run, if it has one. The sweep's runs from before this driver are
+        found by one search, the first time (one driver per sweep at a time: the others are
+        those this driver creates); then a run is read by its id. (A search for each trial
+        reads the tags of every run of the sweep: quadratic in a sweep of 10,000 trials.)"""
+        if self.found is None:
+            self.found = {}
+            for run in find_runs(self.client, self.exp_id, {"sweep.id": self.spec.sweep_id}):
+                if "trial.id" in run.data.tags:
+                    self.found.setdefault(run.data.tags["trial.id"], run.info.run_id)
+        run_id = self.runs.get(trial_id) or self.found.get(trial_id)
+        if run_id is None:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return None  # deleted for good since: as the search would, find none
+        return run if run.info.lifecycle_stage == "active" else None
 
     def _summarize(self, trial_id: str, result: dict[str, Any], only_if_new: bool) -> None:
         """Bring the parent run's summary up to date (after a close, or a new best value)."""

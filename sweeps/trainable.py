@@ -4,6 +4,8 @@ A class trainable, so Ray Tune can hand a finished worker the next trial (`reuse
 `reset_config`) instead of starting a process that imports TensorFlow again. The dataset arrives
 from Ray's object store (put there once by the driver); every epoch is checkpointed, and a retried
 trial continues from its last checkpoint exactly.
+
+What Ray Tune keeps of a result is cut to what Ray itself reads back (`ray_keeps`): see there.
 """
 
 from __future__ import annotations
@@ -17,10 +19,45 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.result import (
+    DEBUG_METRICS,
+    DONE,
+    EPISODES_TOTAL,
+    EXPERIMENT_TAG,
+    RESULT_DUPLICATE,
+    SHOULD_CHECKPOINT,
+    TIME_TOTAL_S,
+    TIMESTEPS_TOTAL,
+    TRAINING_ITERATION,
+)
 
 from sweeps.spec import SweepSpec
 
 MODEL_FILE = "model.keras"
+
+# Ray Tune keeps, for every trial, its last result, running statistics of every number in it
+# (`metric_analysis`: max/min/avg/last/last-5-avg/last-10-avg, and `metric_n_steps`: two pickled
+# deques per key, hex-encoded) and its latest checkpoint's metrics (the worker's whole last
+# result again, pickled and hex-encoded); the experiment state holding all of them is rewritten
+# whole at every snapshot. With the project's ~20 metrics, tags and Ray's timers that was ~26 KB
+# per 1-epoch trial (11 MB at 400 trials), most of it statistics nobody reads. Ray itself reads
+# back only these keys (besides the sweep's metric and the scheduler's time attribute, `epoch`):
+# `done` and `training_iteration` (whether to checkpoint, the iteration a restored trial goes on
+# from), `time_total_s` (restored with the checkpoint), the totals a trainable may count, the
+# checkpoint request, the duplicate marker, and the bookkeeping it never analyses (trial id, tag,
+# config, date, host, pid: where the trial ran). The searcher and the scheduler are given the
+# whole result before it is cut, and the MLflow tracker and Ray's own per-trial logs
+# (result.json, progress.csv: appended, never rewritten) record everything: see
+# `runner.KeepWhatRayReads`.
+RAY_READS = frozenset({DONE, TRAINING_ITERATION, TIME_TOTAL_S, TIMESTEPS_TOTAL, EPISODES_TOTAL,
+                       SHOULD_CHECKPOINT, RESULT_DUPLICATE, EXPERIMENT_TAG, *DEBUG_METRICS})
+TIME_ATTR = "epoch"  # the scheduler's time attribute (ASHA), and the epoch the summary names
+
+
+def ray_keeps(result: dict[str, Any], metric: str) -> list[str]:
+    """The keys of `result` that Ray Tune's state needs to keep: `RAY_READS`, the sweep's metric
+    (the searcher's and scheduler's `on_trial_complete`, the best result) and `epoch`."""
+    return [k for k in result if k in RAY_READS or k in (metric, TIME_ATTR)]
 
 
 class StudyTrial(tune.Trainable):
@@ -65,6 +102,16 @@ class StudyTrial(tune.Trainable):
         return {**metrics, "trial/placement": self.placement, "done": self.trainer.done,
                 "trial/gpu_share": str(self.spec.resources.gpus), "worker/peak_rss_mb": peak_rss_mb(),
                 **gpu_peak_mb(self.devices)}
+
+    def save(self, checkpoint_dir: str | None = None):
+        """Ray Tune's save, with the checkpoint's metrics (Ray keeps them in the experiment state,
+        and a restored trial's last result starts as them) cut to `ray_keeps`, less the config
+        (Ray sets it again on restore): `Trainable.restore` reads only the iteration and totals.
+        The checkpoint's files are untouched."""
+        saved = super().save(checkpoint_dir)
+        saved.metrics = {k: saved.metrics[k] for k in ray_keeps(saved.metrics, self.spec.metric)
+                         if k != "config"}
+        return saved
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         self.trainer.save(checkpoint_dir)

@@ -6,11 +6,19 @@
 # by its owner only (libpq reads it through PGPASSFILE: the password is never on a command line,
 # in an environment variable or in a URI), the artifact store, logs and pids.
 # Clients use MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT.
+# ARTIFACTS=s3://BUCKET/PREFIX puts the artifact store on S3 or an S3-compatible server instead of
+# $MLFLOW_DIR/artifacts (give the same value to every up/start-mlflow of a server: runs keep
+# mlflow-artifacts:/ addresses relative to it). Clients up- and download through the server
+# (--serve-artifacts), so only the server needs the S3 settings, from its environment: credentials
+# (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role), AWS_DEFAULT_REGION, and
+# for a server other than AWS its endpoint, AWS_ENDPOINT_URL=http(s)://host:port (boto3 reads it;
+# MLflow's own MLFLOW_S3_ENDPOINT_URL wins over it). The bucket is checked before anything starts.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 DIR=${MLFLOW_DIR:-$ROOT/runs/mlflow-server}
 PG_PORT=${PG_PORT:-5433}
 MLFLOW_PORT=${MLFLOW_PORT:-5001}
+ARTIFACTS=${ARTIFACTS:-$DIR/artifacts}
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -n "$PGBIN" ] || { echo "error: PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 2; }
 export PGPASSFILE=$DIR/pgpass
@@ -22,7 +30,7 @@ as_db_owner() {  # PostgreSQL refuses to run as root: use its own system user th
 start_mlflow() {  # without MLflow's job workers (GenAI scorers, trace jobs): the study does not use them
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$ROOT/.venv/bin/mlflow" server --workers 2 \
     --backend-store-uri "postgresql+psycopg2://mlflow@127.0.0.1:$PG_PORT/mlflow" \
-    --artifacts-destination "$DIR/artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" \
+    --serve-artifacts --artifacts-destination "$ARTIFACTS" --host 127.0.0.1 --port "$MLFLOW_PORT" \
     >>"$DIR/mlflow.log" 2>&1 </dev/null &
   echo $! >"$DIR/mlflow.pid"
   for _ in $(seq 90); do
@@ -31,6 +39,28 @@ start_mlflow() {  # without MLflow's job workers (GenAI scorers, trace jobs): th
   done
   echo "error: the MLflow server did not start; see $DIR/mlflow.log" >&2
   return 1
+}
+
+check_artifacts() {  # an s3:// store: its bucket answers, as boto3 in MLflow will reach it; exit 2 if not
+  case $ARTIFACTS in s3://*) ;; *) return 0 ;; esac
+  "$ROOT/.venv/bin/python" - "$ARTIFACTS" <<'PY'
+import os
+import sys
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions
+
+bucket, endpoint = urlparse(sys.argv[1]).netloc, os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+try:
+    boto3.client("s3", endpoint_url=endpoint).head_bucket(Bucket=bucket)
+except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+    where = (endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+             or "AWS")
+    print(f"error: ARTIFACTS={sys.argv[1]}: bucket {bucket!r} at {where} cannot be used ({err})",
+          file=sys.stderr)
+    sys.exit(2)
+PY
 }
 
 stop_mlflow() {
@@ -44,6 +74,7 @@ stop_mlflow() {
 
 case ${1:-} in
   up)
+    check_artifacts
     mkdir -p "$DIR/artifacts"
     if [ ! -d "$DIR/pg" ]; then
       mkdir -p "$DIR/pg"
@@ -65,11 +96,12 @@ case ${1:-} in
       "select 1 from pg_database where datname = 'optuna'" | grep -q 1 ||
       as_db_owner "$PGBIN/createdb" -w -h 127.0.0.1 -p "$PG_PORT" -U mlflow optuna
     start_mlflow
-    echo "MLflow up: MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT (PostgreSQL on 127.0.0.1:$PG_PORT);" \
+    echo "MLflow up: MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT (PostgreSQL on 127.0.0.1:$PG_PORT," \
+      "artifacts in $ARTIFACTS);" \
       "OPTUNA_STORAGE=postgresql+psycopg2://mlflow@127.0.0.1:$PG_PORT/optuna PGPASSFILE=$PGPASSFILE"
     ;;
   stop-mlflow) stop_mlflow ;;
-  start-mlflow) start_mlflow ;;
+  start-mlflow) check_artifacts; start_mlflow ;;
   down)
     stop_mlflow
     [ -d "$DIR/pg" ] && as_db_owner "$PGBIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >/dev/null 2>&1 || true
