@@ -28,9 +28,9 @@ import pandas as pd
 from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 
 HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS)
-EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "trial.id", "trial.variant", "trial.setting",
-                 "trial.epochs", "trial.stopped_early", "trial.failure", "seed", "spec.path",
-                 "spec.hash", "git.commit", "git.dirty")
+EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "sweep.size", "trial.id", "trial.variant",
+                 "trial.setting", "trial.epochs", "trial.ended", "trial.stopped_early",
+                 "trial.failure", "seed", "spec.path", "spec.hash", "git.commit", "git.dirty")
 _ORDER = ["experiment", "tags.sweep.id", "tags.sweep.role", "tags.trial.id", "run_id"]
 COMPLETE = "FINISHED"  # the parent run's status once its sweep ran to its end
 NO_PARENT = "no parent run"

@@ -33,12 +33,12 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 
 from study.config import flat_to_strings
-from study.names import EPOCH_METRICS, FINAL_METRICS, TRIAL_CONSTANTS
+from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 from sweeps import ui
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
-LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, *TRIAL_CONSTANTS, "trial/diverged",
+LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS, "trial/diverged",
                   "worker/peak_rss_mb", "worker/gpu_peak_mb")
 LIBRARIES = ("tensorflow-cpu", "keras", "ray", "optuna", "mlflow", "numpy", "pandas")
 
@@ -48,6 +48,7 @@ def provenance(spec: SweepSpec) -> dict[str, str]:
     git = git_state()
     tags = {
         "sweep.id": spec.sweep_id, "sweep.smoke": str(spec.smoke).lower(),
+        "sweep.size": spec.size or "full",
         "spec.path": spec.path, "spec.hash": spec.digest, **git, **source_tags(spec, git),
     }
     for library in LIBRARIES:
@@ -142,7 +143,8 @@ class Summary:
     trials' last reports (as Ray Tune ranks trials), the trial that holds it and its settings, and
     how many trials ended each way. Seeded from the children's runs when a sweep resumes."""
 
-    ENDINGS = {"budget": "finished", "scheduler": "stopped_early", "diverged": "failed",
+    ENDINGS = {"budget": "finished", "plateau": "finished", "scheduler": "stopped_early",
+               "diverged": "failed",
                "failed": "failed", "interrupted": "interrupted"}
 
     def __init__(self, spec: SweepSpec):
@@ -241,9 +243,11 @@ class MlflowTracker(tune.Callback):
     it again after a resume always brings them up to date:
 
         trial.epochs        epochs in its history
-        trial.ended         budget | scheduler | diverged | failed | interrupted
+        trial.ended         budget | plateau | scheduler | diverged | failed | interrupted
+                            (plateau: fewer epochs than the budget, with test metrics: the
+                            trial's patience ended it; scheduler: fewer, without)
         trial.stopped_early true only for a trial the scheduler ended before its budget
-        status              FINISHED (budget, scheduler), FAILED (diverged, failed), KILLED
+        status              FINISHED (budget, plateau, scheduler), FAILED (diverged, failed), KILLED
                             (interrupted: reopened and continued by a resume)
     """
 
@@ -435,7 +439,10 @@ class MlflowTracker(tune.Callback):
         elif error or diverged:
             ended, status = ("failed" if error else "diverged"), "FAILED"
         else:
-            ended, status = ("budget" if epochs >= self.spec.epochs else "scheduler"), "FINISHED"
+            own_end = FINAL_METRICS[0] in run.data.metrics  # tested: its own rule ended it
+            ended = ("budget" if epochs >= self.spec.epochs else "plateau" if own_end
+                     else "scheduler")
+            status = "FINISHED"
         self._load_summary()
         self.summary.ended[trial_id] = ended
         tags = {"trial.epochs": str(epochs), "trial.ended": ended,

@@ -93,7 +93,8 @@ def assert_complete(spec: SweepSpec, env: dict[str, str]) -> list:
         epochs = int(tags["trial.epochs"])
         if child.info.status == "FINISHED":
             assert steps(env, child) == list(range(1, epochs + 1))
-            stopped = epochs < spec.epochs
+            stopped = tags["trial.ended"] == "scheduler"  # else budget, or plateau (a patience)
+            assert (epochs < spec.epochs) == (tags["trial.ended"] in ("scheduler", "plateau"))
             assert tags["trial.stopped_early"] == str(stopped).lower()
             assert ("test/accuracy_binary" in child.data.metrics) == (not stopped)
         config = spec.trial_config({}).to_flat()

@@ -288,3 +288,36 @@ def _objects(state):
         yield value
         if isinstance(value, dict):
             yield from _objects(value)
+
+
+def test_a_patience_ends_a_trial_on_a_plateau_and_the_record_says_so(tmp_path):
+    # the settings of test_train's PLATEAU: the validation accuracy dips before epoch 12
+    path = tmp_path / "plateau.yaml"
+    path.write_text("""
+# test spec; make sweep SPEC=this
+name: plateau
+fixed: {data.name: synthetic, model.widths: [32, 16], budget.batch_size: 64, budget.epochs: 12,
+        budget.patience: 1, optim.lr: 0.05}
+variants:
+  patience: {activation.cutoff: 1.2}
+  relu: {activation.kind: relu, budget.monitor: val/accuracy_soft}
+search: {algorithm: grid}
+scheduler: {name: none}
+""")
+    env = sweep_env(tmp_path)
+    run_sweep(path, env)
+    spec = load_spec(path)
+    children = {c.data.tags["trial.variant"]: c for c in assert_complete(spec, env)}
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for variant, monitor in (("patience", "val/accuracy_binary"), ("relu", "val/accuracy_soft")):
+        child = children[variant]
+        curve = [m.value for m in sorted(client.get_metric_history(child.info.run_id, monitor),
+                                         key=lambda m: m.step)]
+        best = curve.index(max(curve)) + 1
+        assert child.data.metrics["test/epoch"] == best  # the best epoch's weights were tested
+        assert int(child.data.tags["trial.epochs"]) == len(curve)
+        if len(curve) < 12:  # ended by the patience: one epoch without a new best
+            assert len(curve) - best == 1 and child.data.tags["trial.ended"] == "plateau"
+        assert child.info.status == "FINISHED" and child.data.tags["trial.stopped_early"] == "false"
+    assert children["patience"].data.tags["trial.ended"] == "plateau"  # the data's premise
+    assert children["patience"].data.params["budget.patience"] == "1"
