@@ -1,7 +1,8 @@
 """`make bench`: the seven benchmarks of the project against their references, side by side in one
 run; writes bench/results.json and bench/results.md (the table the README shows).
 
-    .venv/bin/python bench/run.py [--only activation,evaluation,throughput,pipeline,overhead,asha,tracking]
+    .venv/bin/python bench/run.py [--only activation,evaluation,throughput,pipeline,overhead,asha,tracking,
+                                          scale,state]
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ TARGETS = {
     "asha": [("asha epochs / none", "<= 40%", lambda v: v <= 0.40),
              ("best difference (points)", "<= 0.5", lambda v: v <= 0.5)],
     "tracking": [("with MLflow / without", "<= 1.03x", lambda v: v <= 1.03)],
+    # issue 13: time (or bytes) per trial at the largest size over the smallest
+    "scale": [("sqlite load per trial, largest / smallest size", *_at_most(1.5)),
+              ("sqlite tables per trial, largest / smallest size", *_at_most(1.5)),
+              ("server load per trial, largest / smallest size", *_at_most(1.5)),
+              ("server load of 1000 runs s", "< 15 s", lambda v: v < 15)],
+    "state": [("state bytes per trial, largest / smallest size", *_at_most(1.5)),
+              ("tracker s per trial, largest / smallest size", *_at_most(1.5))],
 }
 
 
@@ -53,23 +61,28 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(TARGETS))
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from bench import activation, engine
+    from bench import activation, engine, scale, state
 
     run = {"activation": activation.activation_cost, "evaluation": activation.evaluation_cost,
            "throughput": activation.throughput,
            "pipeline": activation.input_pipeline, "overhead": engine.sweep_overhead,
-           "asha": engine.early_stopping, "tracking": engine.tracking_cost}
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
+           "asha": engine.early_stopping, "tracking": engine.tracking_cost,
+           "scale": scale.analysis_scale, "state": state.state_scale}
+    today = time.strftime("%Y-%m-%d")
+    results = {"date": today, "machine": f"{platform.machine()}, "
                f"{os.cpu_count()} CPU cores, {platform.python_implementation()} "
-               f"{platform.python_version()}", "benchmarks": {}}
+               f"{platform.python_version()}", "dates": {}, "benchmarks": {}}
     previous = HERE / "results.json"
     if args.only != parser.get_default("only") and previous.exists():  # refresh some, keep others
-        results["benchmarks"] = json.loads(previous.read_text())["benchmarks"]
+        kept = json.loads(previous.read_text())
+        results["benchmarks"] = kept["benchmarks"]
+        results["dates"] = kept.get("dates") or dict.fromkeys(kept["benchmarks"], kept["date"])
     for name in args.only.split(","):
         start = time.perf_counter()
         figures = run[name]()
         figures["bench seconds"] = time.perf_counter() - start
         results["benchmarks"][name] = figures
+        results["dates"][name] = today
         print(name, json.dumps(figures, indent=1), flush=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))
@@ -78,7 +91,10 @@ def main() -> int:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Measured {results['date']} on {results['machine']}.", ""]
+    dates = results.get("dates") or dict.fromkeys(results["benchmarks"], results["date"])
+    when = (f"{next(iter(dates.values()))}" if len(set(dates.values())) == 1
+            else "; ".join(f"{name} {date}" for name, date in dates.items()))
+    lines = [f"Measured on {results['machine']}: {when}.", ""]
     if "activation" in results["benchmarks"]:
         lines += activation_matrix(results["benchmarks"]["activation"]) + [""]
     lines += ["| benchmark | measured | target | met |", "|---|---|---|---|"]
