@@ -86,8 +86,19 @@ def main() -> int:
         print(name, json.dumps(figures, indent=1), flush=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))
+    readme = HERE.parent / "README.md"
+    readme.write_text(with_results(readme.read_text(), markdown(results)))
     print(markdown(results))
     return 0
+
+
+README_BLOCK = ("<!-- bench/results.md -->\n", "<!-- end bench/results.md -->\n")
+
+
+def with_results(readme: str, table: str) -> str:
+    """The README with `table` between its two README_BLOCK markers."""
+    start, end = (readme.index(marker) for marker in README_BLOCK)
+    return readme[:start + len(README_BLOCK[0])] + table + readme[end:]
 
 
 def markdown(results: dict) -> str:
