@@ -245,9 +245,9 @@ def test_shipped_specs_are_valid_and_say_how_to_launch_them(path, size):
 # of the code must not.
 SHIPPED_IDS = {
     "sweeps/specs/quick.yaml": ("quick-7b42210b", "quick-smoke-bdd85175"),
-    "sweeps/specs/t1_main.yaml": ("t1-main-62b48713", "t1-main-smoke-69f25c69"),
-    "sweeps/specs/t2_grid.yaml": ("t2-grid-77b9b5ef", "t2-grid-smoke-447c81c7"),
-    "sweeps/specs/t3_ablations.yaml": ("t3-ablations-18afe604", "t3-ablations-smoke-df972dcb"),
+    "sweeps/specs/t1_main.yaml": ("t1-main-4f8ad98f", "t1-main-smoke-6dcd64fe"),
+    "sweeps/specs/t2_grid.yaml": ("t2-grid-cca1eee3", "t2-grid-smoke-f5f83a71"),
+    "sweeps/specs/t3_ablations.yaml": ("t3-ablations-12c976c2", "t3-ablations-smoke-75c6dae6"),
     "tests/specs/cluster_16.yaml": ("cluster-16-19f51d68", None),
     "tests/specs/cluster_faults.yaml": ("cluster-faults-5f0ac52e", None),
     "tests/specs/cluster_smoke.yaml": ("cluster-smoke-cd2f34e1", None),
