@@ -118,14 +118,16 @@ else
 	$(PY) -m sweeps run $(SIZE_ARG) $(SPEC)
 endif
 
-paper-sweeps: setup data ## Run the paper's sweeps (SIZE=full|quick|smoke) into the tracking store
+paper-sweeps: setup data ## Run the paper's sweeps (SIZE=full|quick|smoke) into the tracking store; at full size each spec's runs are exported (paper/runs/EXPERIMENT) as its sweep ends
 	$(PY) -m sweeps check $(SIZE_ARG) $(PAPER_SPECS)
-	set -e; for spec in $(PAPER_SPECS); do $(PY) -m sweeps run $(SIZE_ARG) $$spec; done
+	set -e; for spec in $(PAPER_SPECS); do $(PY) -m sweeps run $(SIZE_ARG) $$spec; \
+	  if [ "$(SIZE)" = full ]; then $(PY) -m analysis export --experiment \
+	    $$($(PY) -c "from sweeps.spec import load_spec; print(load_spec('$$spec').experiment)"); fi; \
+	done
 
-paper: paper-sweeps ## The paper's sweeps (SIZE=full|quick|smoke), then the export (paper/runs) and the tables (quick, smoke: runs/paper-SIZE)
+paper: paper-sweeps ## The paper's sweeps (SIZE=full|quick|smoke), then the tables (full: from every export in paper/runs; quick, smoke: runs/paper-SIZE)
 ifeq ($(SIZE),full)
-	$(PY) -m analysis export
-	$(PY) -m analysis tables
+	$(PY) -m analysis tables --source paper/runs
 else
 	$(PY) -m analysis tables $(SIZE_ARG)
 endif

@@ -2,9 +2,12 @@
 
     python -m analysis tables [--source URI|DIR] [--out paper] [--size SIZE] [--sweep SWEEP_ID ...]
     python -m analysis export [--source URI] [--out paper/runs] [--size SIZE] [--sweep SWEEP_ID ...]
+                              [--experiment NAME ...]
 
 `--source` is a tracking URI or an export folder. By default: $MLFLOW_TRACKING_URI, else the local
-store runs/mlflow.db when it holds the paper's runs, else the committed export paper/runs.
+store runs/mlflow.db when it holds the paper's runs, else the committed exports paper/runs. An
+export writes each experiment into OUT/EXPERIMENT/ and leaves the others there, so each spec's export
+can be committed as its sweep ends (`--experiment NAME`); reading a folder reads every export in it.
 One sweep per experiment is read: the one named with `--sweep` (repeatable), else the latest complete
 one; a line per experiment says which. `--size quick|smoke` reads the paper sweeps run at that size of
 their specs (experiments t1-main-quick, ...; `--smoke` is `--size smoke`) and writes by default into
@@ -61,12 +64,21 @@ def main(argv: list[str] | None = None) -> int:
                           help="the same as --size smoke")
         sub.add_argument("--sweep", action="append", default=[], metavar="SWEEP_ID",
                          help="read this sweep of its experiment (default: the latest complete one)")
+        sub.add_argument("--experiment", action="append", default=[], metavar="NAME",
+                         help="only this paper experiment (repeatable; default: all three), e.g. to "
+                              "export a spec's runs as soon as its sweep ends")
     args = parser.parse_args(argv)
     args.out = args.out or default_out(args.command, args.size)
 
     from analysis import paper, runs
 
     names = list(paper.experiments(args.size).values())
+    unknown = sorted(set(args.experiment) - set(names))
+    if unknown:
+        print(f"error: --experiment {', '.join(unknown)}: not a paper experiment at this size "
+              f"({', '.join(names)})", file=sys.stderr)
+        return 2
+    names = [n for n in names if n in args.experiment] if args.experiment else names
     source = args.source or default_source(names)
     try:
         loaded = runs.load(source, names, args.sweep)

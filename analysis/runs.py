@@ -157,33 +157,49 @@ def _every_run(client, experiment_id: str, page: int = 10_000) -> list:
 
 
 def from_export(folder: str | Path, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
-    """The runs of one sweep per named experiment (`select`) from an export folder."""
-    folder = Path(folder)
-    frame = pd.read_csv(folder / "runs.csv", dtype=str, keep_default_na=False).replace("", np.nan)
+    """The runs of one sweep per named experiment (`select`) from an export folder: every export in
+    it (`exports`), so that each spec's export can be committed on its own as its sweep ends."""
+    parts = exports(folder)
+    frame = pd.concat([pd.read_csv(p / "runs.csv", dtype=str, keep_default_na=False) for p in parts],
+                      ignore_index=True).fillna("").replace("", np.nan)
     frame = frame[frame["experiment"].isin(experiments)]
-    return select(_typed(frame, pd.read_csv(folder / "history.csv")), sweeps)
+    history = pd.concat([pd.read_csv(p / "history.csv") for p in parts], ignore_index=True)
+    return select(_typed(frame, history), sweeps)
+
+
+def exports(folder: str | Path) -> list[Path]:
+    """The exports in a folder: the folder itself if it holds runs.csv, and each of its
+    subfolders that does (EXPERIMENT/, as `export` writes them)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in (folder, *sorted(folder.iterdir())) if (p / "runs.csv").is_file()]
 
 
 def export(runs: Runs, folder: str | Path) -> None:
-    """Write the frames as CSV (exact float round trip), sorted so that the files are stable."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    frame = pd.concat([runs.parents, runs.trials], ignore_index=True)
-    frame = frame.sort_values(_present(frame, _ORDER), kind="stable")
-    frame.astype(object).where(frame.notna(), "").map(_text).to_csv(folder / "runs.csv",
-                                                                       index=False)
-    hist = runs.history.sort_values(["run_id", "key", "step"], kind="stable")
-    hist.to_csv(folder / "history.csv", index=False, float_format="%.17g")
+    """Write each experiment's frames as CSV into folder/EXPERIMENT/ (runs.csv, history.csv; exact
+    float round trip), sorted so that the files are stable; other experiments' exports in the
+    folder are left as they are."""
+    for experiment in runs.experiments:
+        part = runs.of(experiment)
+        out = Path(folder) / experiment
+        out.mkdir(parents=True, exist_ok=True)
+        frame = pd.concat([part.parents, part.trials], ignore_index=True)
+        frame = frame.sort_values(_present(frame, _ORDER), kind="stable").dropna(axis=1, how="all")
+        frame.astype(object).where(frame.notna(), "").map(_text).to_csv(out / "runs.csv",
+                                                                         index=False)
+        hist = part.history.sort_values(["run_id", "key", "step"], kind="stable")
+        hist.to_csv(out / "history.csv", index=False, float_format="%.17g")
 
 
 def load(source: str, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
     """One sweep per experiment (`sweeps` names some, by id; see `select`) from `source`, a tracking
-    URI or an export folder (one holding runs.csv)."""
-    if Path(source, "runs.csv").is_file():
+    URI or an export folder (see `exports`)."""
+    if exports(source):
         return from_export(source, experiments, sweeps)
     if "://" not in source:
-        raise FileNotFoundError(f"{source}: no runs.csv here (an export folder or a tracking URI "
-                                "was expected)")
+        raise FileNotFoundError(f"{source}: no runs.csv here or in its subfolders (an export folder "
+                                "or a tracking URI was expected)")
     return from_mlflow(source, experiments, sweeps)
 
 

@@ -200,3 +200,35 @@ def test_the_analysis_pages_through_every_run(tmp_path):
     exp = client.create_experiment("paged", artifact_location=str(tmp_path / "a"))
     made = {client.create_run(exp).info.run_id for _ in range(5)}
     assert {r.info.run_id for r in runs._every_run(client, exp, page=2)} == made
+
+
+def test_exports_are_written_per_experiment_and_read_together(tmp_path):
+    store = to_store(tmp_path, records())
+    loaded = runs.load(store, [EXP])
+    runs.export(loaded, tmp_path / "paper-runs")
+    other = pd.concat([loaded.parents, loaded.trials])  # another spec's export, committed earlier
+    other = other.assign(experiment="t1-main", run_id=other["run_id"] + "-t1")
+    (tmp_path / "paper-runs" / "t1-main").mkdir()
+    other.astype(object).where(other.notna(), "").to_csv(tmp_path / "paper-runs" / "t1-main" /
+                                                         "runs.csv", index=False)
+    loaded.history.assign(run_id=loaded.history["run_id"] + "-t1").to_csv(
+        tmp_path / "paper-runs" / "t1-main" / "history.csv", index=False)
+    assert sorted(p.name for p in runs.exports(tmp_path / "paper-runs")) == ["t1-main", EXP]
+    both = runs.load(str(tmp_path / "paper-runs"), [EXP, "t1-main"])
+    assert sorted(set(both.trials["experiment"])) == ["t1-main", EXP]
+    again = runs.load(str(tmp_path / "paper-runs"), [EXP])
+    pd.testing.assert_frame_equal(again.trials, loaded.trials)
+    pd.testing.assert_frame_equal(again.history, loaded.history)
+    runs.export(again, tmp_path / "paper-runs")  # re-exporting one experiment leaves the other
+    assert (tmp_path / "paper-runs" / "t1-main" / "runs.csv").exists()
+
+
+def test_the_cli_exports_one_experiment_and_refuses_an_unknown_one(tmp_path, capsys):
+    assert main(["export", "--source", to_export(tmp_path / "in", records()), "--experiment",
+                 "t1-main", "--out", str(tmp_path / "out")]) == 2  # no runs of t1-main there
+    assert main(["export", "--source", str(tmp_path / "in"), "--experiment", "nope",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--experiment nope: not a paper experiment" in capsys.readouterr().err
+    assert main(["export", "--source", str(tmp_path / "in"), "--experiment", EXP,
+                 "--out", str(tmp_path / "out")]) == 0
+    assert [p.name for p in runs.exports(tmp_path / "out")] == [EXP]
