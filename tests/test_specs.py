@@ -245,7 +245,7 @@ def test_shipped_specs_are_valid_and_say_how_to_launch_them(path, size):
 # of the code must not.
 SHIPPED_IDS = {
     "sweeps/specs/quick.yaml": ("quick-7b42210b", "quick-smoke-bdd85175"),
-    "sweeps/specs/t1_main.yaml": ("t1-main-4f8ad98f", "t1-main-smoke-6dcd64fe"),
+    "sweeps/specs/t1_main.yaml": ("t1-main-bb301337", "t1-main-smoke-c6cd86f8"),
     "sweeps/specs/t2_grid.yaml": ("t2-grid-cca1eee3", "t2-grid-smoke-f5f83a71"),
     "sweeps/specs/t3_ablations.yaml": ("t3-ablations-12c976c2", "t3-ablations-smoke-75c6dae6"),
     "tests/specs/cluster_16.yaml": ("cluster-16-19f51d68", None),
@@ -340,7 +340,7 @@ def test_check_takes_a_size():
                                         "sweeps/specs/t2_grid.yaml: ok (80 trials, grid)"]
     for args in (["--smoke"], ["--size", "smoke"]):
         proc = run_cli("check", *args, "sweeps/specs/t1_main.yaml")
-        assert proc.stdout == "sweeps/specs/t1_main.yaml: ok (8 trials, grid)\n", proc.stderr
+        assert proc.stdout == "sweeps/specs/t1_main.yaml: ok (9 trials, grid)\n", proc.stderr
 
 
 def test_a_size_the_spec_lacks_or_no_size_at_all_exits_2():
