@@ -24,7 +24,7 @@ JOB_ENV = {"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAG
 
 PAPER_SPECS := sweeps/specs/t1_main.yaml sweeps/specs/t2_grid.yaml sweeps/specs/t3_ablations.yaml
 # The size of the specs that sweep, paper-sweeps, paper and tables use. SIZE=full: the specs as
-# written (converged training on the full data, about 3 hours on 2 cores); SIZE=quick: their `quick:`
+# written (converged training on the full data, about 4 hours on 2 cores); SIZE=quick: their `quick:`
 # sections (the paper's sweeps at 6 epochs on 20,000 images, about 20 minutes: a laptop check);
 # SIZE=smoke: their `smoke:` sections (CI's size, about 2 minutes). SMOKE=1 is SIZE=smoke.
 SIZE ?= $(if $(SMOKE),smoke,full)
