@@ -132,8 +132,8 @@ else
 	$(PY) -m analysis tables $(SIZE_ARG)
 endif
 
-tables: setup ## Tables and figures into paper/ (SIZE=quick|smoke: runs/paper-SIZE) from the runs (local store if it has them, else paper/runs) [SOURCE=...] [SWEEPS="id ..."]
-	$(PY) -m analysis tables $(SIZE_ARG) $(if $(SOURCE),--source $(SOURCE)) $(foreach s,$(SWEEPS),--sweep $(s))
+tables: setup ## Tables and figures into paper/ from every committed export in paper/runs (SIZE=quick|smoke: runs/paper-SIZE, from the local store) [SOURCE=...] [SWEEPS="id ..."]
+	$(PY) -m analysis tables $(SIZE_ARG) $(if $(SOURCE),--source $(SOURCE),$(if $(filter full,$(SIZE)),--source paper/runs)) $(foreach s,$(SWEEPS),--sweep $(s))
 
 notebooks: setup ## Execute analysis/notebooks/*.py headless into runs/notebooks/*.html
 	@mkdir -p runs/notebooks
