@@ -61,6 +61,16 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a server and what it started, by process group: SIGTERM, then SIGKILL after `grace`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+
+
 def runs(env: dict[str, str], experiment: str) -> list:
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     found = client.get_experiment_by_name(experiment)

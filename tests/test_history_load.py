@@ -5,7 +5,6 @@ cap on rows per answer; and the benchmark's synthetic store reads as one complet
 import contextlib
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import requests
 
 from analysis import runs
 
+from .sweep_helpers import stop_group
 from .test_selection import EXP, LATEST, records, to_store, trial
 
 
@@ -95,13 +95,7 @@ def mlflow_server(backend: str, folder):
             time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_group(proc)
 
 
 def _healthy(url: str) -> bool:

@@ -3,11 +3,9 @@ the driver lock and the MLflow server's artifact store. moto's standalone server
 test dependency) stands in for S3 on a free 127.0.0.1 port, with its IAM checks on, so that wrong
 credentials are refused as S3 would refuse them; the test starts it and stops it by its process group."""
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from .sweep_helpers import (
     run_sweep,
     start_sweep,
     steps,
+    stop_group,
     sweep_env,
     wait_for,
 )
@@ -93,13 +92,7 @@ def s3():
                                       "AWS_SECRET_ACCESS_KEY": reader["SecretAccessKey"]},
                  folder / "moto.log")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_group(proc)
         shutil.rmtree(folder, ignore_errors=True)
 
 
