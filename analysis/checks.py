@@ -36,7 +36,8 @@ def checks(runs: Runs) -> list[str]:
     if improving:
         shown = ", ".join(improving[:10]) + (f" and {len(improving) - 10} more"
                                              if len(improving) > 10 else "")
-        lines.append(f"{name}: {len(improving)} trials were still improving when their budget "
+        were = "trial was" if len(improving) == 1 else "trials were"
+        lines.append(f"{name}: {len(improving)} {were} still improving when their budget "
                      f"ended (best validation epoch within their patience of the last): {shown}")
     best = full.loc[full[SELECTION].idxmax()]
     for column in swept(full):

@@ -46,7 +46,8 @@ def paired(trials: pd.DataFrame, claim: Claim) -> pd.DataFrame:
         keys = key if isinstance(key, tuple) else (key,)
         rows.append({"finding": claim.finding, **dict(zip(within, keys, strict=True)),
                      "a": claim.a, "b": claim.b, "metric": claim.metric, **stats,
-                     "verdict": verdict(stats["lo"], stats["hi"], claim.a, claim.b)})
+                     "verdict": verdict(stats["lo"], stats["hi"], _where(claim.column, claim.a),
+                                        _where(claim.column, claim.b))})
     return pd.DataFrame(rows)
 
 
@@ -67,7 +68,18 @@ T1_CLAIMS = (
     Claim("binary test accuracy: hard_sigmoid against p = 0.5", VARIANT, "hard_sigmoid", "p0.5",
           BINARY),
 )
-SLOPE = "params.activation.slope"
+SLOPE, P = "params.activation.slope", "params.activation.p"
+GRID_CELL = ("params.model.arch", SLOPE, "params.activation.cutoff")
+
+
+def p_claims(runs: Runs) -> list[Claim]:
+    """T2's effect of the coin: the paper's p = 0.5 against p = 0, on binary accuracy and on the
+    soft/binary gap, at every other setting of the grid (architecture, slope, cutoff); none when
+    the grid lacks either value."""
+    if not {0.0, 0.5} <= set(runs.trials.get(P, pd.Series(dtype=float)).dropna()):
+        return []
+    return [Claim("binary test accuracy: p = 0.5 against p = 0", P, 0.5, 0.0, BINARY, GRID_CELL),
+            Claim("soft/binary test gap: p = 0.5 against p = 0", P, 0.5, 0.0, "gap", GRID_CELL)]
 
 
 def slope_claims(runs: Runs) -> list[Claim]:
@@ -77,25 +89,21 @@ def slope_claims(runs: Runs) -> list[Claim]:
     if len(slopes) < 2:
         return []
     return [Claim(f"binary test accuracy: slope {slopes[-1]:g} against {slopes[0]:g}", SLOPE,
-                  slopes[-1], slopes[0], BINARY,
-                  ("params.model.arch", "params.activation.p", "params.activation.cutoff"))]
+                  slopes[-1], slopes[0], BINARY, ("params.model.arch", P, "params.activation.cutoff"))]
 
 
 def claims_table(parts: list[tuple[Runs, list[Claim]]], name: str, title: str) -> Table:
     """The paired comparisons of each experiment's trials that ran to their end, in points
     (differences x 100): mean difference, 95% interval, pairs and the verdict."""
     rows = []
-    for runs, claims in parts:
-        trials = finished(runs)
-        for claim in claims:
-            table = paired(trials, claim)
-            rank = len({r["finding"] for r in rows})  # findings in the order they are given
-            for _, row in table.iterrows():
-                where = ", ".join(_where(column, row[column]) for column in claim.within)
-                rows.append({"finding": claim.finding, "where": where, "pairs": int(row["n"]),
-                             "A - B (points)": _points(row["mean"]),
-                             "95% interval": _interval(row["lo"], row["hi"]),
-                             "verdict": row["verdict"], "_order": (rank, *_order(row, claim))})
+    claims = [(runs, claim) for runs, given in parts for claim in given]
+    for rank, (runs, claim) in enumerate(claims):  # the claims in the order they are given
+        for _, row in paired(finished(runs), claim).iterrows():
+            where = ", ".join(_where(column, row[column]) for column in claim.within)
+            rows.append({"finding": claim.finding, "where": where, "pairs": int(row["n"]),
+                         "A - B (points)": _points(row["mean"]),
+                         "95% interval": _interval(row["lo"], row["hi"]),
+                         "verdict": row["verdict"], "_order": (rank, *_order(row, claim))})
     frame = pd.DataFrame(rows, columns=["finding", "where", "pairs", "A - B (points)",
                                         "95% interval", "verdict", "_order"])
     frame = frame.sort_values("_order", kind="stable").drop(columns="_order")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from analysis import figures
 from analysis.checks import checks
-from analysis.claims import T1_CLAIMS, claims_table, slope_claims
+from analysis.claims import T1_CLAIMS, claims_table, p_claims, slope_claims
 from analysis.importance import importance_lines
 from analysis.runs import Runs
 from analysis.tables import (
@@ -30,6 +30,8 @@ from analysis.tables import (
 from sweeps.spec import SIZES
 
 SPECS = {"t1": "t1-main", "t2": "t2-grid", "t3": "t3-ablations"}
+# the file-name prefixes of what each sweep's runs make (T4 and T5 come from the T1 runs)
+OUTPUTS = {"t1": ("t1_", "t4_", "t5_"), "t2": ("t2_",), "t3": ("t3_",), "claims": ("claims",)}
 
 
 def experiments(size: str = "") -> dict[str, str]:
@@ -58,7 +60,8 @@ def variants(runs: Runs) -> list[str]:
 
 def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path], list[str]]:
     """Write tables (out/tables), figures (out/figures) and out/checks.md from the paper sweeps at
-    `size`; return what was made."""
+    `size`; return what was made. Of the sweeps read, a table or figure an earlier build wrote and
+    this one did not (a grid that lost an axis value) is removed; those of sweeps not read stay."""
     names = experiments(size)
     tables: list[Table] = []
     pngs: list[Path] = []
@@ -100,7 +103,7 @@ def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path
             figures.gap_against_p(t2, fig_dir / "t2_gap_vs_p.png"),
         ]
         notes += checks(t2) + importance_lines(t2)
-        claimed.append((t2, slope_claims(t2)))
+        claimed.append((t2, p_claims(t2) + slope_claims(t2)))
     if names["t3"] in runs.experiments:
         t3 = runs.of(names["t3"])
         tables.append(accuracy_table(t3, "t3_ablations", "T3 ablations of the default unit "
@@ -110,10 +113,19 @@ def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path
     if claimed:
         tables.append(claims_table(claimed, "claims", "Paired differences over seeds behind the "
                                    "findings (A - B; verdict by the 95% interval)"))
-    for table in tables:
-        table.write(out / "tables")
+    written = {path for table in tables for path in table.write(out / "tables")} | set(pngs)
+    built = [k for k in SPECS if names[k] in runs.experiments] + (["claims"] if claimed else [])
+    remove_stale(out, tuple(p for k in built for p in OUTPUTS[k]), written)
     (out / "checks.md").write_text("# Checks\n\n" + "".join(f"- {n}\n" for n in notes))
     return tables, pngs, notes
+
+
+def remove_stale(out: Path, prefixes: tuple[str, ...], written: set[Path]) -> None:
+    """Delete the tables and figures under `out` named with one of `prefixes` that are not in
+    `written`."""
+    for path in [*out.glob("tables/*.md"), *out.glob("tables/*.tex"), *out.glob("figures/*.png")]:
+        if path.name.startswith(prefixes) and path not in written:
+            path.unlink()
 
 
 def log_figures(tracking_uri: str, runs: Runs, pngs: list[Path]) -> None:

@@ -132,6 +132,24 @@ def test_committed_paper_files_regenerate_byte_for_byte_from_the_export(tmp_path
     assert (ROOT / "paper" / "checks.md").read_bytes() == (tmp_path / "checks.md").read_bytes()
 
 
+def test_a_build_removes_what_it_no_longer_makes_of_the_sweeps_it_read(tmp_path):
+    """T3 alone: a T3 table an earlier build wrote and this one does not is removed; the tables
+    of T1 and T2 (not read), the claims of an earlier build (none this time) and other files stay."""
+    from analysis import runs
+
+    loaded = runs.select(runs.from_export(ROOT / "paper" / "runs", ["t3-ablations"]))
+    stale = tmp_path / "tables" / "t3_ablations_c1.md"
+    kept = [tmp_path / "tables" / name for name in ("t1_main.md", "t2_best.tex", "claims.md", "notes.txt")]
+    kept.append(tmp_path / "figures" / "t2_heatmap.png")
+    for path in [stale, *kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("from an earlier build")
+    tables, _, _ = paper.build(loaded, tmp_path)
+    assert [t.name for t in tables] == ["t3_ablations"]
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert (tmp_path / "tables" / "t3_ablations.md").exists()
+
+
 @pytest.mark.parametrize("values", [[0.81, 0.83, 0.86], [0.5, 0.52], [0.1, 0.1, 0.1], [0.7, 0.7]])
 def test_summarize_is_the_student_t_interval(values):
     x = np.array(values)

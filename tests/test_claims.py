@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.claims import Claim, paired, verdict
+from analysis.claims import Claim, p_claims, paired, verdict
+from analysis.runs import Runs
 
 
 def trials(rows):
@@ -49,3 +50,23 @@ def test_verdict_reads_the_interval():
     assert verdict(-0.02, -0.01, "a", "b") == "a < b"
     assert verdict(-0.01, 0.02, "a", "b") == "not shown"
     assert verdict(math.nan, math.nan, "a", "b") == "not shown"
+
+
+def grid(ps):
+    rows = [("mlp", p, slope, 1.2, seed, 0.8 + 0.02 * p + 0.001 * seed)
+            for p in ps for slope in (0.5, 4.0) for seed in range(3)]
+    return Runs(pd.DataFrame(rows, columns=["params.model.arch", "params.activation.p",
+                                            "params.activation.slope", "params.activation.cutoff",
+                                            "params.seed", "metrics.test/accuracy_binary"]),
+                pd.DataFrame(), pd.DataFrame())
+
+
+def test_t2_compares_p_half_with_p_zero_in_every_cell_of_the_grid():
+    runs = grid([0.0, 0.25, 0.5, 1.0])
+    binary, gap = p_claims(runs)
+    assert (binary.a, binary.b, gap.a, gap.b) == (0.5, 0.0, 0.5, 0.0) and gap.metric == "gap"
+    table = paired(runs.trials, binary)
+    assert list(table["params.activation.slope"]) == [0.5, 4.0]
+    assert list(table["n"]) == [3, 3] and list(table["verdict"]) == ["p 0.5 > p 0"] * 2
+    assert table["mean"].tolist() == pytest.approx([0.01, 0.01])
+    assert p_claims(grid([0.0, 1.0])) == [] and p_claims(grid([0.5, 1.0])) == []

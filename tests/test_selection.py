@@ -133,6 +133,10 @@ def test_a_plateau_is_an_end_of_its_own_and_a_rising_curve_at_the_budget_is_flag
                                "early by the scheduler")
     assert lines[1] == (f"{EXP}: 2 trials were still improving when their budget ended (best "
                         "validation epoch within their patience of the last): patience-cut, rising")
+    (tmp_path / "one").mkdir()
+    one = runs.load(to_export(tmp_path / "one", [recs[0], recs[3]]), [EXP])
+    assert checks(one)[1] == (f"{EXP}: 1 trial was still improving when their budget ended (best "
+                              "validation epoch within their patience of the last): rising")
 
 
 def test_the_latest_complete_sweep_by_end_time_then_start_time(tmp_path):
