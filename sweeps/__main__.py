@@ -120,15 +120,19 @@ def resume_command(args) -> str:
 
 
 def summary(results, spec) -> str:
-    frame = results.get_dataframe()
-    errors = len(results.errors)
-    best = results.get_best_result() if len(frame) > errors else None
-    lines = [f"{spec.sweep_id}: {len(results)} trials, {errors} failed"]
-    if best is not None:
-        lines.append(f"best {spec.metric} = {best.metrics[spec.metric]:.4f} at epoch "
-                     f"{best.metrics['epoch']}: " + ", ".join(
-                         f"{k}={v}" for k, v in spec.trial_config(best.config).to_flat().items()
-                         if k.startswith(("activation.", "model."))))
+    """The sweep's outcome: trials, failures, and the best trial by its score (`trainable.SCORE`;
+    a trial recorded before scores existed, by its last value of the metric)."""
+    from sweeps.trainable import SCORE
+
+    lines = [f"{spec.sweep_id}: {len(results)} trials, {len(results.errors)} failed"]
+    scored = [(r.metrics.get(SCORE, r.metrics.get(spec.metric)), r) for r in results
+              if r.metrics and r.error is None]
+    scored = [(value, r) for value, r in scored if value is not None and value == value]
+    if scored:
+        value, best = (max if spec.mode == "max" else min)(scored, key=lambda pair: pair[0])
+        lines.append(f"best {spec.metric} = {value:.4f} (trial {best.metrics['trial_id']}): " + ", ".join(
+            f"{k}={v}" for k, v in spec.trial_config(best.config).to_flat().items()
+            if k.startswith(("activation.", "model."))))
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from sweeps.preflight import (
 )
 from sweeps.space import DefineByRun, Repeats, StudySearch, sampler, study_storage
 from sweeps.spec import SweepSpec
-from sweeps.trainable import TIME_ATTR, StudyTrial, ray_keeps
+from sweeps.trainable import SCORE, TIME_ATTR, StudyTrial, ray_keeps
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -227,7 +227,7 @@ def _param_space(spec: SweepSpec) -> dict:
 def _tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
     search_alg, samples = None, 1
     if spec.search.algorithm != "grid":
-        searcher = StudySearch(space=DefineByRun(spec), metric=spec.metric, mode=spec.mode,
+        searcher = StudySearch(space=DefineByRun(spec), metric=SCORE, mode=spec.mode,
                                sampler=sampler(spec), study_name=spec.sweep_id,
                                storage=study_storage(settings.optuna_storage))
         if len(spec.seeds) > 1:
@@ -239,7 +239,7 @@ def _tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=spec.epochs,
                                   grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor)
-    return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
+    return tune.TuneConfig(metric=SCORE, mode=spec.mode, search_alg=search_alg,
                            scheduler=scheduler, num_samples=samples, reuse_actors=True,
                            max_concurrent_trials=spec.search.max_concurrent if search_alg is None
                            else None)
@@ -248,7 +248,7 @@ def _tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
 def _run_config(spec: SweepSpec, settings: Settings, callbacks) -> tune.RunConfig:
     """The run's callbacks are the given ones, Ray's per-trial loggers, then `KeepWhatRayReads`
     (last: everything before it sees the whole result)."""
-    callbacks = [*callbacks, *ray_loggers(), KeepWhatRayReads(spec.metric)]
+    callbacks = [*callbacks, *ray_loggers(), KeepWhatRayReads()]
     return tune.RunConfig(
         name=spec.sweep_id, storage_path=settings.storage, callbacks=callbacks, verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -281,11 +281,8 @@ class KeepWhatRayReads(tune.Callback):
     most of it Ray's own (its storage context, resources, checkpoint manager, statistics of its
     own keys), instead of ~27 KB (bench/state.py)."""
 
-    def __init__(self, metric: str):
-        self.metric = metric
-
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        kept = set(ray_keeps(result, self.metric))
+        kept = set(ray_keeps(result))
         for key in [k for k in result if k not in kept]:
             del result[key]
 

@@ -36,10 +36,11 @@ from study.config import flat_to_strings
 from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 from sweeps import ui
 from sweeps.spec import SweepSpec
+from sweeps.trainable import SCORE
 
 log = logging.getLogger(__name__)
-LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS, "trial/diverged",
-                  "worker/peak_rss_mb", "worker/gpu_peak_mb")
+LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS, SCORE,
+                  "trial/diverged", "worker/peak_rss_mb", "worker/gpu_peak_mb")
 LIBRARIES = ("tensorflow-cpu", "keras", "ray", "optuna", "mlflow", "numpy", "pandas")
 
 
@@ -139,9 +140,10 @@ def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[s
 
 
 class Summary:
-    """The sweep at a glance, for its parent run: the best value of the spec's metric over the
-    trials' last reports (as Ray Tune ranks trials), the trial that holds it and its settings, and
-    how many trials ended each way. Seeded from the children's runs when a sweep resumes."""
+    """The sweep at a glance, for its parent run: the best of the trials' latest scores (the
+    spec's metric at the epoch each trial is tested at, `trainable.SCORE`, as Ray Tune ranks
+    them), the trial that holds it and its settings, and how many trials ended each way. Seeded
+    from the children's runs when a sweep resumes."""
 
     ENDINGS = {"budget": "finished", "plateau": "finished", "scheduler": "stopped_early",
                "diverged": "failed",
@@ -149,7 +151,7 @@ class Summary:
 
     def __init__(self, spec: SweepSpec):
         self.spec = spec
-        self.value: dict[str, float] = {}  # trial id -> last reported value of the metric
+        self.value: dict[str, float] = {}  # trial id -> its latest score
         self.settings: dict[str, dict[str, str]] = {}
         self.ended: dict[str, str] = {}  # trial id -> budget | scheduler | ... (see ENDINGS)
         self._best: tuple[str, float] | None = None  # best() of `value`, kept up to date
@@ -164,8 +166,9 @@ class Summary:
             trial_id = run.data.tags.get("trial.id")
             if trial_id is None:
                 continue
-            if self.spec.metric in run.data.metrics:
-                self.value[trial_id] = run.data.metrics[self.spec.metric]
+            score = run.data.metrics.get(SCORE, run.data.metrics.get(self.spec.metric))
+            if score is not None:  # (runs recorded before scores: their last value)
+                self.value[trial_id] = score
                 self._best = None
             self.settings[trial_id] = self.settings_of(
                 {k: _param(v) for k, v in run.data.params.items()}, run.data.tags.get("trial.variant"))
@@ -173,7 +176,7 @@ class Summary:
                 self.ended[trial_id] = run.data.tags["trial.ended"]
 
     def report(self, trial_id: str, value: Any) -> bool:
-        """A new last value; whether the best trial or value changed."""
+        """A trial's new score; whether the best trial or value changed."""
         if not isinstance(value, int | float) or math.isnan(value):
             return False
         before = self.best()
@@ -187,7 +190,7 @@ class Summary:
         return self.best() != before
 
     def best(self) -> tuple[str, float] | None:
-        """The trial with the best last value (of equal ones, the first trial id in sorted
+        """The trial with the best latest score (of equal ones, the first trial id in sorted
         order) and its value. Kept by `report` (a new value against the best), so that a sweep
         of N trials does not sort N values at every report."""
         if self._best is None and self.value:
@@ -395,7 +398,7 @@ class MlflowTracker(tune.Callback):
     def _summarize(self, trial_id: str, result: dict[str, Any], only_if_new: bool) -> None:
         """Bring the parent run's summary up to date (after a close, or a new best value)."""
         self._load_summary()
-        changed = self.summary.report(trial_id, result.get(self.spec.metric))
+        changed = self.summary.report(trial_id, result.get(SCORE))
         if only_if_new and not changed:
             return
         timestamp, step = int(time.time() * 1000), len(self.summary.ended)

@@ -52,12 +52,17 @@ MODEL_FILE = "model.keras"
 RAY_READS = frozenset({DONE, TRAINING_ITERATION, TIME_TOTAL_S, TIMESTEPS_TOTAL, EPISODES_TOTAL,
                        SHOULD_CHECKPOINT, RESULT_DUPLICATE, EXPERIMENT_TAG, *DEBUG_METRICS})
 TIME_ATTR = "epoch"  # the scheduler's time attribute (ASHA), and the epoch the summary names
+# What ranks a trial (Ray Tune's metric: the searcher, the scheduler, the best result; the sweep's
+# best in MLflow): the spec's metric at the epoch the trial would be tested at if it ended now, i.e.
+# with a patience at its best epoch by `budget.monitor` (the weights it keeps), else at its latest.
+# Ranking on the last report instead would judge a plateaued trial k epochs past its best.
+SCORE = "trial/score"
 
 
-def ray_keeps(result: dict[str, Any], metric: str) -> list[str]:
-    """The keys of `result` that Ray Tune's state needs to keep: `RAY_READS`, the sweep's metric
-    (the searcher's and scheduler's `on_trial_complete`, the best result) and `epoch`."""
-    return [k for k in result if k in RAY_READS or k in (metric, TIME_ATTR)]
+def ray_keeps(result: dict[str, Any]) -> list[str]:
+    """The keys of `result` that Ray Tune's state needs to keep: `RAY_READS`, the score (the
+    searcher's and scheduler's `on_trial_complete`, the best result) and `epoch`."""
+    return [k for k in result if k in RAY_READS or k in (SCORE, TIME_ATTR)]
 
 
 class StudyTrial(tune.Trainable):
@@ -97,11 +102,18 @@ class StudyTrial(tune.Trainable):
             except TrialDiverged as err:
                 # Recorded, not retried: the same checkpoint would diverge again. NaN tells Optuna
                 # "failed"; `done` ends the trial.
-                return {"epoch": len(err.history) + 1, self.spec.metric: math.nan,
+                return {"epoch": len(err.history) + 1, self.spec.metric: math.nan, SCORE: math.nan,
                         "trial/diverged": 1.0, "trial/failure": str(err), "done": True}
-        return {**metrics, "trial/placement": self.placement, "done": self.trainer.done,
+        return {**metrics, SCORE: self.score(), "trial/placement": self.placement,
+                "done": self.trainer.done,
                 "trial/gpu_share": str(self.spec.resources.gpus), "worker/peak_rss_mb": peak_rss_mb(),
                 **gpu_peak_mb(self.devices)}
+
+    def score(self) -> float:
+        """`SCORE` after the latest epoch."""
+        trainer = self.trainer
+        epoch = trainer.best_epoch if trainer.config.budget.patience else trainer.epoch
+        return trainer.history[epoch - 1][self.spec.metric]
 
     def save(self, checkpoint_dir: str | None = None):
         """Ray Tune's save, with the checkpoint's metrics (Ray keeps them in the experiment state,
@@ -109,7 +121,7 @@ class StudyTrial(tune.Trainable):
         (Ray sets it again on restore): `Trainable.restore` reads only the iteration and totals.
         The checkpoint's files are untouched."""
         saved = super().save(checkpoint_dir)
-        saved.metrics = {k: saved.metrics[k] for k in ray_keeps(saved.metrics, self.spec.metric)
+        saved.metrics = {k: saved.metrics[k] for k in ray_keeps(saved.metrics)
                          if k != "config"}
         return saved
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from sweeps import tracking
 from sweeps.spec import load_spec, parse_spec
-from sweeps.trainable import RAY_READS, TIME_ATTR
+from sweeps.trainable import RAY_READS, SCORE, TIME_ATTR
 
 from .sweep_helpers import assert_complete, run_sweep, sweep_env, trial_results
 
@@ -23,7 +23,7 @@ TRIALS = 10
 # here: its Trial's JSON state (the pickled storage context and resources, the config three times,
 # the trial's folder: ~3.4 KB), its checkpoint manager (checkpoint config, the checkpoint's path
 # and metrics, pickled and hex-encoded: ~2 KB) and its statistics of `done`,
-# `training_iteration`, `time_total_s` (~1.5 KB); the sweep's metric and `epoch` add ~1 KB. The
+# `training_iteration`, `time_total_s` (~1.5 KB); the trial's score and `epoch` add ~1 KB. The
 # project's whole results (its ~20 metrics, tags and Ray's per-attempt timers, each number with
 # six statistics and two pickled deques, the checkpoint's metrics again) made it ~26 KB.
 MAX_BYTES_PER_TRIAL = 12_000
@@ -56,16 +56,16 @@ resources: {{cpus: 1}}
 
     per_trial = state_path.stat().st_size / TRIALS
     assert per_trial <= MAX_BYTES_PER_TRIAL, f"{per_trial:.0f} bytes per trial"
-    kept = RAY_READS | {spec.metric, TIME_ATTR}
+    kept = RAY_READS | {SCORE, TIME_ATTR}
     for _, run_metadata in state["trial_data"]:
         metadata = json.loads(run_metadata)
         assert set(metadata["last_result"]) <= kept, set(metadata["last_result"]) - kept
-        assert set(metadata["metric_analysis"]) == {spec.metric, TIME_ATTR, "done",
+        assert set(metadata["metric_analysis"]) == {SCORE, TIME_ATTR, "done",
                                                     "training_iteration", "time_total_s"}
         manager = cloudpickle.loads(bytes.fromhex(metadata["checkpoint_manager"]["value"]))
         [checkpoint] = manager._checkpoint_results
         assert set(checkpoint.metrics) <= kept - {"config"}
-        assert {"training_iteration", "time_total_s", spec.metric} <= set(checkpoint.metrics)
+        assert {"training_iteration", "time_total_s", SCORE} <= set(checkpoint.metrics)
 
     # the searcher's pickle holds no Optuna handle of a trial it was told the end of
     [searcher_path] = folder.glob("searcher-state-*.pkl")
@@ -104,7 +104,7 @@ def test_the_tracker_finds_the_sweeps_runs_once_not_once_per_trial(tmp_path, mon
     for i, trial in enumerate(trials):
         tracker.on_trial_start(0, trials, trial)
         tracker.on_trial_result(1, trials, trial, {"epoch": 1, "train/loss": 1.0,
-                                                   "val/accuracy_binary": i / 30})
+                                                   "val/accuracy_binary": i / 30, SCORE: i / 30})
         tracker.on_trial_complete(1, trials, trial)
         trial.status = "TERMINATED"
     tracker.on_experiment_end(trials)

@@ -290,6 +290,43 @@ def _objects(state):
             yield from _objects(value)
 
 
+def test_with_a_patience_trials_are_ranked_at_the_epoch_they_are_tested_at(tmp_path):
+    """Optuna is told, the parent run names as best and the command prints the metric at each
+    trial's best epoch (whose weights it keeps and is tested on), not at its last report."""
+    path = tmp_path / "ranked.yaml"
+    path.write_text("""
+# test spec; make sweep SPEC=this
+name: ranked
+fixed: {data.name: synthetic, model.widths: [32, 16], budget.batch_size: 64, budget.epochs: 12,
+        budget.patience: 1, optim.lr: 0.05}
+space:
+  activation.cutoff: {uniform: [1.0, 1.5]}
+search: {algorithm: tpe, samples: 3, max_concurrent: 2, seed: 0}
+scheduler: {name: none}
+""")
+    env = sweep_env(tmp_path)
+    out = run_sweep(path, env)
+    spec = load_spec(path)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    at_test, last = {}, {}
+    for child in assert_complete(spec, env):
+        curve = {m.step: m.value for m in client.get_metric_history(child.info.run_id, spec.metric)}
+        at_test[child.data.tags["trial.id"]] = curve[int(child.data.metrics["test/epoch"])]
+        last[child.data.tags["trial.id"]] = curve[max(curve)]
+        assert child.data.metrics["trial/score"] == at_test[child.data.tags["trial.id"]]
+    assert any(at_test[t] > last[t] for t in at_test)  # the premise: a trial dipped at its end
+    [state_file] = (tmp_path / "ray" / spec.sweep_id).glob("searcher-state-*.pkl")
+    study = next(v for v in _objects(pickle.loads(state_file.read_bytes()))
+                 if isinstance(v, optuna.Study))
+    told = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(told) == sorted(at_test.values())
+    best = max(at_test, key=at_test.get)
+    [parent] = [r for r in runs(env, spec.experiment) if r.data.tags.get("sweep.role") == "parent"]
+    assert parent.data.metrics[f"best/{spec.metric}"] == at_test[best]
+    assert parent.data.tags["best.trial.id"] == best
+    assert f"best {spec.metric} = {at_test[best]:.4f} (trial {best}): " in out
+
+
 def test_a_patience_ends_a_trial_on_a_plateau_and_the_record_says_so(tmp_path):
     # the settings of test_train's PLATEAU: the validation accuracy dips before epoch 12
     path = tmp_path / "plateau.yaml"
