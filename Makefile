@@ -17,7 +17,12 @@ LOCAL_TRACKING := sqlite:///$(CURDIR)/runs/mlflow.db
 # reads it from the file PGPASSFILE names.
 GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null)
 GIT_DIRTY = $(shell test -z "$$(git status --porcelain 2>/dev/null)" && echo false || echo true)
-JOB_ENV = {"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \
+# S3 settings that are not secrets, passed only when set (an empty endpoint would be one); the
+# credentials stay the nodes' own (an instance role, ~/.aws/credentials, their environment).
+AWS_SETTINGS := AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_REGION AWS_DEFAULT_REGION
+comma := ,
+JOB_AWS = $(foreach v,$(AWS_SETTINGS),$(if $($(v)),"$(v)": "$($(v))"$(comma)))
+JOB_ENV = {"env_vars": {$(JOB_AWS)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \
   "OPTUNA_STORAGE": "$(OPTUNA_STORAGE)", "PGPASSFILE": "$(PGPASSFILE)", \
   "STUDY_GIT_COMMIT": "$(GIT_COMMIT)", "STUDY_GIT_DIRTY": "$(GIT_DIRTY)"}, \
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}

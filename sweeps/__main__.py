@@ -62,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         if args.reachable:
             from sweeps import resources
-            from sweeps.preflight import SweepError, check_ray, check_tracking
+            from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
 
-            address = os.environ.get("RAY_ADDRESS")
+            address, storage = os.environ.get("RAY_ADDRESS"), os.environ.get("STORAGE", "")
             try:
                 check_ray(address)
                 if os.environ.get("MLFLOW_TRACKING_URI"):
                     check_tracking(os.environ["MLFLOW_TRACKING_URI"])
+                if "://" in storage:  # a path is the cluster's: only the driver there can check it
+                    check_storage(storage)
                 nodes = (resources.dashboard_nodes(address) if address and "://" in address
                          and not resources.can_grow() else None)
                 for spec in specs if nodes is not None else []:

@@ -307,3 +307,29 @@ def test_storage_on_s3_that_cannot_be_used_exits_2_before_anything_starts(s3, tm
     assert not ray_sessions_of(proc.pid, sessions)
     assert not (tmp_path / "mlflow.db").exists()  # nothing recorded
     assert keys(s3, "") == objects  # nothing written to the store
+
+
+@pytest.mark.parametrize("case,expected", [
+    ({"STORAGE": "s3://no-such-bucket/ray"}, ": bucket 'no-such-bucket' does not exist"),
+    ({"AWS_SECRET_ACCESS_KEY": "wrong"}, ": the credentials are refused (When listing objects"),
+], ids=["missing bucket", "wrong secret"])
+def test_the_client_side_check_of_a_cluster_sweep_refuses_unusable_s3_storage(s3, tmp_path, case,
+                                                                              expected):
+    """`make sweep RAY_ADDRESS=...` runs `sweeps check --reachable` before it submits the job: a
+    bad bucket fails there, in one line, instead of in the submitted job."""
+    good = s3_env(tmp_path, s3, f"s3://{BUCKET}/d")
+    good.pop("RAY_ADDRESS", None)
+    path = write_spec(tmp_path, "s3-checked", epochs=2, samples=1)
+
+    def check(env):
+        return subprocess.run([sys.executable, "-m", "sweeps", "check", "--reachable", str(path)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    ok = check(good)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    env = {**good, **case}
+    proc = check(env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: STORAGE '{env['STORAGE']}' at endpoint {s3.endpoint}"
+                               f"{expected}"), lines

@@ -1,6 +1,7 @@
 """Sweep specs: validation (one test per kind of bad input), the sizes' overrides (smoke, quick) and
 their names, spaces and grids."""
 
+import json
 import os
 import subprocess
 import sys
@@ -365,9 +366,12 @@ def test_the_resume_hint_names_the_size(args, hint):
     assert cli.resume_command(parser.parse_args(["s.yaml", *args])) == hint
 
 
-def make_dry_run(*args: str) -> subprocess.CompletedProcess:
-    """What `make -n ARGS` would run (nothing is run), with no size or cluster from the environment."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SIZE", "SMOKE", "SPEC", "RAY_ADDRESS")}
+def make_dry_run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+    """What `make -n ARGS` would run (nothing is run), with no size, cluster or S3 setting from the
+    environment but those in `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SIZE", "SMOKE", "SPEC", "RAY_ADDRESS") and not k.startswith("AWS_")}
+    env.update(extra)
     return subprocess.run(["make", "-n", "--no-print-directory", *args], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=60)
 
@@ -388,6 +392,21 @@ def test_make_passes_the_size_on(make_args, expected):
     lines = [" ".join(line.split()) for line in proc.stdout.splitlines()]
     for want in expected:
         assert any(want in line for line in lines), (want, lines)
+
+
+@pytest.mark.parametrize("aws", [{}, {"AWS_ENDPOINT_URL": "http://10.0.0.5:9000",
+                                  "AWS_DEFAULT_REGION": "eu-west-1"},
+                                 {"AWS_ENDPOINT_URL_S3": "https://minio.lab:9000", "AWS_REGION": "x"}])
+def test_a_cluster_sweep_passes_the_s3_settings_that_are_set_and_never_the_credentials(aws):
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIA0000", "AWS_SECRET_ACCESS_KEY": "s3cret"}
+    proc = make_dry_run("sweep", "RAY_ADDRESS=http://head:8265", "MLFLOW_TRACKING_URI=http://m:5000",
+                        "STORAGE=s3://bucket/ray", **aws, **secrets)
+    assert proc.returncode == 0, proc.stderr
+    [line] = [line for line in proc.stdout.splitlines() if "--runtime-env-json" in line]
+    runtime_env = json.loads(line.split("--runtime-env-json '", 1)[1].split("' --", 1)[0])
+    passed = runtime_env["env_vars"]
+    assert {k: v for k, v in passed.items() if k.startswith("AWS_")} == aws
+    assert passed["STORAGE"] == "s3://bucket/ray" and "s3cret" not in proc.stdout
 
 
 @pytest.mark.parametrize(("make_args", "message"), [
