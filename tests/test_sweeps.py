@@ -274,12 +274,17 @@ scheduler: {name: none}
     for group in groups.values():
         assert sorted(int(c.data.params["seed"]) for c in group) == [0, 1, 2]
         assert len({c.data.params["activation.p"] for c in group}) == 1
-    [state_file] = (tmp_path / "ray" / spec.sweep_id).glob("searcher-state-*.pkl")
-    study = next(v for v in _objects(pickle.loads(state_file.read_bytes()))
-                 if isinstance(v, optuna.Study))
+    study = searcher_study(tmp_path / "ray", spec)
     told = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     means = sorted(statistics.fmean(c.data.metrics[spec.metric] for c in g) for g in groups.values())
     assert told == pytest.approx(means)  # the searcher saw one trial per setting: the seeds' mean
+
+
+def searcher_study(storage: Path, spec) -> optuna.Study:
+    """The Optuna study inside the sweep's saved searcher state."""
+    [state_file] = (storage / spec.sweep_id).glob("searcher-state-*.pkl")
+    return next(v for v in _objects(pickle.loads(state_file.read_bytes()))
+                if isinstance(v, optuna.Study))
 
 
 def _objects(state):
@@ -290,15 +295,16 @@ def _objects(state):
             yield from _objects(value)
 
 
+# the settings of test_train's PLATEAU: the validation accuracy dips before epoch 12
+PLATEAU = """fixed: {data.name: synthetic, model.widths: [32, 16], budget.batch_size: 64, budget.epochs: 12,
+        budget.patience: 1, optim.lr: 0.05}"""
+
+
 def test_with_a_patience_trials_are_ranked_at_the_epoch_they_are_tested_at(tmp_path):
     """Optuna is told, the parent run names as best and the command prints the metric at each
     trial's best epoch (whose weights it keeps and is tested on), not at its last report."""
     path = tmp_path / "ranked.yaml"
-    path.write_text("""
-# test spec; make sweep SPEC=this
-name: ranked
-fixed: {data.name: synthetic, model.widths: [32, 16], budget.batch_size: 64, budget.epochs: 12,
-        budget.patience: 1, optim.lr: 0.05}
+    path.write_text("# test spec; make sweep SPEC=this\nname: ranked\n" + PLATEAU + """
 space:
   activation.cutoff: {uniform: [1.0, 1.5]}
 search: {algorithm: tpe, samples: 3, max_concurrent: 2, seed: 0}
@@ -315,9 +321,7 @@ scheduler: {name: none}
         last[child.data.tags["trial.id"]] = curve[max(curve)]
         assert child.data.metrics["trial/score"] == at_test[child.data.tags["trial.id"]]
     assert any(at_test[t] > last[t] for t in at_test)  # the premise: a trial dipped at its end
-    [state_file] = (tmp_path / "ray" / spec.sweep_id).glob("searcher-state-*.pkl")
-    study = next(v for v in _objects(pickle.loads(state_file.read_bytes()))
-                 if isinstance(v, optuna.Study))
+    study = searcher_study(tmp_path / "ray", spec)
     told = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(told) == sorted(at_test.values())
     best = max(at_test, key=at_test.get)
@@ -328,13 +332,8 @@ scheduler: {name: none}
 
 
 def test_a_patience_ends_a_trial_on_a_plateau_and_the_record_says_so(tmp_path):
-    # the settings of test_train's PLATEAU: the validation accuracy dips before epoch 12
     path = tmp_path / "plateau.yaml"
-    path.write_text("""
-# test spec; make sweep SPEC=this
-name: plateau
-fixed: {data.name: synthetic, model.widths: [32, 16], budget.batch_size: 64, budget.epochs: 12,
-        budget.patience: 1, optim.lr: 0.05}
+    path.write_text("# test spec; make sweep SPEC=this\nname: plateau\n" + PLATEAU + """
 variants:
   patience: {activation.cutoff: 1.2}
   relu: {activation.kind: relu, budget.monitor: val/accuracy_soft}
