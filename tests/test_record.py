@@ -114,7 +114,9 @@ def test_two_drivers_of_one_sweep_started_together_one_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_launch_while_a_sweep_runs_records_nothing(tmp_path):
-    path = write_spec(tmp_path, name="second", epochs=6, samples=2)
+    # long enough trials (~1 s an epoch) that the first is still running when the second, which
+    # imports Ray and MLflow and loads the data before it is refused, is done on a loaded machine
+    path = write_spec(tmp_path, name="second", epochs=20, samples=2)
     spec, env = load_spec(path), sweep_env(tmp_path)
     first = start_sweep(path, env)
     try:
@@ -122,7 +124,7 @@ def test_a_second_launch_while_a_sweep_runs_records_nothing(tmp_path):
         second = subprocess.run([sys.executable, "-m", "sweeps", "run", str(path)], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=120)
         after = runs(env, spec.experiment)
-        assert first.poll() is None
+        assert first.poll() is None  # the premise: the second launch met a running sweep
     finally:
         out, _ = first.communicate(timeout=600)
         kill_group(first)
