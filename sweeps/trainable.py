@@ -132,15 +132,24 @@ class StudyTrial(tune.Trainable):
 
     def restore(self, checkpoint_path):
         """Ray Tune deletes a trial's previous checkpoint (num_to_keep) before it snapshots the
-        experiment, so a driver killed in between leaves a snapshot naming a deleted checkpoint.
-        Every checkpoint of a trial is a state of the same deterministic run: restore the newest
-        that exists instead."""
+        experiment, so a driver killed in between leaves a snapshot naming a deleted checkpoint;
+        on object storage, where a checkpoint's files are written and deleted one by one, a kill
+        can also leave one partial. Every checkpoint of a trial is a state of the same
+        deterministic run: restore the one named if it loads, else the newest other that does."""
         checkpoint = getattr(checkpoint_path, "checkpoint", None)
-        if checkpoint is not None and not _exists(checkpoint):
-            newest = _newest_sibling(checkpoint)
-            if newest is not None:
-                return super().restore(newest)
-        return super().restore(checkpoint_path)
+        if checkpoint is None:
+            return super().restore(checkpoint_path)
+        named = [checkpoint_path] if _exists(checkpoint) else []
+        candidates = named + [c for c in _siblings(checkpoint) if c.path != checkpoint.path]
+        failure = None
+        for candidate in candidates:
+            try:
+                return super().restore(candidate)
+            except (ValueError, OSError) as err:  # partial: a file missing, or not this model's
+                failure = failure or err
+        if failure is not None:
+            raise failure
+        return super().restore(checkpoint_path)  # none left at all: Ray Tune's own error
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         self.trainer.restore(checkpoint_dir)
@@ -161,14 +170,16 @@ def _exists(checkpoint: tune.Checkpoint) -> bool:
     return checkpoint.filesystem.get_file_info(checkpoint.path).type != fs.FileType.NotFound
 
 
-def _newest_sibling(checkpoint: tune.Checkpoint) -> tune.Checkpoint | None:
-    """The trial's newest checkpoint_NNNNNN folder beside a (missing) one, if any."""
+def _siblings(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
+    """The trial's checkpoint_NNNNNN folders beside `checkpoint` (itself too, if it exists),
+    newest first."""
     from pyarrow import fs
 
     parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     found = [info.path for info in checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
              if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-    return tune.Checkpoint(max(found), filesystem=checkpoint.filesystem) if found else None
+    return [tune.Checkpoint(path, filesystem=checkpoint.filesystem)
+            for path in sorted(found, reverse=True)]
 
 
 def peak_rss_mb() -> float:

@@ -4,6 +4,7 @@ killed, a trial killed mid-epoch, fractional trials on Ray's logical GPUs."""
 import json
 import os
 import pickle
+import shutil
 import signal
 import statistics
 import subprocess
@@ -180,6 +181,27 @@ def test_a_resumed_trial_whose_snapshot_names_a_deleted_checkpoint_uses_the_newe
         index = int(checkpoint.name.removeprefix("checkpoint_"))
         checkpoint.rename(trial_dir / f"checkpoint_{index + 100:06d}")
     out = run_sweep(tmp_path / "race.yaml", env)
+    assert "1 trials, 0 failed" in out
+    [child] = assert_complete(spec, env)
+    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
+    epochs = [r["epoch"] for r in trial_results(storage)[trial_dir.name]]
+    assert epochs[-1] == 6 and 1 not in epochs[epochs.index(2) + 1:], epochs  # resumed, not restarted
+
+
+@pytest.mark.integration  # a kill while object storage wrote or deleted a checkpoint file by file
+def test_a_resumed_trial_whose_named_checkpoint_is_partial_uses_the_newest_that_loads(tmp_path):
+    spec, env, storage, proc = start_one_slow_trial(tmp_path, "partial", epochs=6)
+    kill_group(proc)
+    [trial_dir] = {p.parent for p in storage.glob("*/*/result.json")}
+    assert trial_results(storage)[trial_dir.name][-1]["epoch"] < 6, "the trial ended before the kill"
+    *others, named = sorted(trial_dir.glob("checkpoint_*"))  # the newest: the one named
+    for other in others:
+        shutil.rmtree(other)
+    index = int(named.name.removeprefix("checkpoint_"))  # >= 1: two epochs were reported
+    shutil.copytree(named, trial_dir / f"checkpoint_{index - 1:06d}")  # whole, under an older name
+    for state in named.glob("state.*"):  # the named one loses its weights, keeps its history
+        state.unlink()
+    out = run_sweep(tmp_path / "partial.yaml", env)
     assert "1 trials, 0 failed" in out
     [child] = assert_complete(spec, env)
     assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
