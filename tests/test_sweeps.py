@@ -171,6 +171,16 @@ def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
 
 
+def assert_resumed_to_the_end(path, spec, env, storage, trial_dir):
+    """The same command again finishes the one 6-epoch trial from a checkpoint, not from epoch 1."""
+    out = run_sweep(path, env)
+    assert "1 trials, 0 failed" in out
+    [child] = assert_complete(spec, env)
+    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
+    epochs = [r["epoch"] for r in trial_results(storage)[trial_dir.name]]
+    assert epochs[-1] == 6 and 1 not in epochs[epochs.index(2) + 1:], epochs  # resumed, not restarted
+
+
 @pytest.mark.integration  # the race of fault 1: Ray Tune deleted the checkpoint its snapshot names
 def test_a_resumed_trial_whose_snapshot_names_a_deleted_checkpoint_uses_the_newest(tmp_path):
     spec, env, storage, proc = start_one_slow_trial(tmp_path, "race", epochs=6)
@@ -180,12 +190,7 @@ def test_a_resumed_trial_whose_snapshot_names_a_deleted_checkpoint_uses_the_newe
     for checkpoint in sorted(trial_dir.glob("checkpoint_*"), reverse=True):  # all "newer" ones
         index = int(checkpoint.name.removeprefix("checkpoint_"))
         checkpoint.rename(trial_dir / f"checkpoint_{index + 100:06d}")
-    out = run_sweep(tmp_path / "race.yaml", env)
-    assert "1 trials, 0 failed" in out
-    [child] = assert_complete(spec, env)
-    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
-    epochs = [r["epoch"] for r in trial_results(storage)[trial_dir.name]]
-    assert epochs[-1] == 6 and 1 not in epochs[epochs.index(2) + 1:], epochs  # resumed, not restarted
+    assert_resumed_to_the_end(tmp_path / "race.yaml", spec, env, storage, trial_dir)
 
 
 @pytest.mark.integration  # a kill while object storage wrote or deleted a checkpoint file by file
@@ -201,12 +206,7 @@ def test_a_resumed_trial_whose_named_checkpoint_is_partial_uses_the_newest_that_
     shutil.copytree(named, trial_dir / f"checkpoint_{index - 1:06d}")  # whole, under an older name
     for state in named.glob("state.*"):  # the named one loses its weights, keeps its history
         state.unlink()
-    out = run_sweep(tmp_path / "partial.yaml", env)
-    assert "1 trials, 0 failed" in out
-    [child] = assert_complete(spec, env)
-    assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
-    epochs = [r["epoch"] for r in trial_results(storage)[trial_dir.name]]
-    assert epochs[-1] == 6 and 1 not in epochs[epochs.index(2) + 1:], epochs  # resumed, not restarted
+    assert_resumed_to_the_end(tmp_path / "partial.yaml", spec, env, storage, trial_dir)
 
 
 LOGICAL_GPUS = """
