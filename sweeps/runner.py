@@ -300,17 +300,16 @@ class KeepWhatRayReads(tune.Callback):
 
 
 class Progress(tune.Callback):
-    """One line per finished trial and at most one per 15 s otherwise: running, done, best."""
+    """One line per finished trial and at most one per 15 s otherwise: running, done (trials of
+    earlier launches of a resumed sweep included), best score (`trainable.SCORE`, as the summary
+    ranks trials)."""
 
     def __init__(self, spec: SweepSpec):
         self.spec, self.last_print, self.best = spec, 0.0, None
         self.done, self.failed = set(), set()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        value = result.get(self.spec.metric)
-        valid = isinstance(value, int | float) and not math.isnan(value)
-        if valid and (self.best is None or (value > self.best[0]) == (self.spec.mode == "max")):
-            self.best = (value, trial.trial_id, int(result.get("epoch", 0)))
+        self._consider(trial.trial_id, result)
         if time.monotonic() - self.last_print > 15:
             self._print(trials)
 
@@ -322,12 +321,24 @@ class Progress(tune.Callback):
         self.failed.add(trial.trial_id)
         self._print(trials, f"trial {trial.trial_id} FAILED")
 
+    def _consider(self, trial_id: str, result: dict) -> None:
+        value = result.get(SCORE)
+        valid = isinstance(value, int | float) and not math.isnan(value)
+        if valid and (self.best is None or (value > self.best[0]) == (self.spec.mode == "max")):
+            self.best = (value, trial_id)
+
     def _print(self, trials, event: str = "") -> None:
         self.last_print = time.monotonic()
+        for t in trials:  # those a resumed sweep restored as ended
+            if t.status == "TERMINATED":
+                self.done.add(t.trial_id)
+            elif t.status == "ERROR":
+                self.failed.add(t.trial_id)
+            self._consider(t.trial_id, t.last_result or {})
         running = sum(t.status == "RUNNING" and t.trial_id not in self.done | self.failed
                       for t in trials)
-        best = (f"best {self.spec.metric}={self.best[0]:.4f} (trial {self.best[1]}, epoch "
-                f"{self.best[2]})" if self.best else "no result yet")
+        best = (f"best {self.spec.metric}={self.best[0]:.4f} (trial {self.best[1]})"
+                if self.best else "no result yet")
         print(f"[{time.strftime('%H:%M:%S')}] {self.spec.sweep_id}: {event + '; ' if event else ''}"
               f"{running} running, {len(self.done)}/{self.spec.num_trials} done, "
               f"{len(self.failed)} failed; {best}", file=sys.stdout, flush=True)

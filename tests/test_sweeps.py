@@ -4,6 +4,7 @@ killed, a trial killed mid-epoch, fractional trials on Ray's logical GPUs."""
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import statistics
@@ -142,9 +143,11 @@ def test_resume_after_the_driver_is_killed_gives_no_duplicate_runs(tmp_path):
         kill_group(proc)
     killed_at = time.time() * 1000
     assert len(done_before) < spec.num_trials, "the sweep finished before it could be killed"
-    run_sweep(path, env)  # the same command again
+    out = run_sweep(path, env)  # the same command again
     children = assert_complete(spec, env)
     assert all(c.info.status == "FINISHED" for c in children)
+    first = re.search(rf"{spec.sweep_id}: .*?(\d+)/{spec.num_trials} done", out)
+    assert int(first.group(1)) >= len(done_before), out  # counts the earlier launch's trials
     client_runs = {c.data.tags["trial.id"]: c for c in children}
     for before in done_before:  # finished trials were not re-run
         after = client_runs[before.data.tags["trial.id"]]
