@@ -18,10 +18,11 @@ from mlflow import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_spec(spec: dict, folder: Path) -> tuple[float, list]:
-    """Run a spec through `python -m sweeps run`; (wall seconds of the command, its trial runs).
-    The MLflow store exists beforehand, as for every sweep after a project's first (creating an
-    SQLite store takes ~1.5 s once)."""
+def run_spec(spec: dict, folder: Path) -> tuple[float, list, float]:
+    """Run a spec through `python -m sweeps run`; (wall seconds of the command, its trial runs,
+    the seconds its driver took to start Ray, as the sweep's parent run records them). The MLflow
+    store exists beforehand, as for every sweep after a project's first (creating an SQLite store
+    takes ~1.5 s once)."""
     path = folder / f"{spec['name']}.yaml"
     path.write_text("# benchmark spec; make bench\n" + yaml.safe_dump(spec))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db",
@@ -34,7 +35,8 @@ def run_spec(spec: dict, folder: Path) -> tuple[float, list]:
     wall = time.perf_counter() - start
     experiment = client.get_experiment_by_name(spec["name"])
     runs = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'trial'")
-    return wall, [(client, r) for r in runs]
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'parent'")
+    return wall, [(client, r) for r in runs], parent.data.metrics["time/ray_start_s"]
 
 
 def compute_s(trials) -> float:
@@ -68,6 +70,8 @@ SHORT_TRIALS = {"data.name": "fashion_mnist", "data.train_size": 20000, "budget.
 def sweep_overhead(trials: int = 16, slots: int = 2) -> dict[str, float]:
     """Wall time of a 16-trial sweep of short trials (MLP, 20k Fashion-MNIST images, 4 epochs: ~4 s)
     against the ideal: Ray start-up plus the trials' own compute shared over the concurrent slots.
+    Ray's start-up is the sweep's own (its driver records it); a start-up sampled alone, in fresh
+    processes, is reported beside it (it moves by ~1 s from run to run on this machine).
     Then the memory of a reused worker: 16 trials through one slot, peak RSS after 16 against
     after 2."""
     spec = {"name": "bench-overhead", "fixed": SHORT_TRIALS,
@@ -75,13 +79,14 @@ def sweep_overhead(trials: int = 16, slots: int = 2) -> dict[str, float]:
             "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": slots},
             "scheduler": {"name": "none"}, "resources": {"cpus": 2 / slots}}
     with tempfile.TemporaryDirectory() as folder:
-        wall, runs = run_spec(spec, Path(folder))
+        wall, runs, startup = run_spec(spec, Path(folder))
         compute = compute_s(runs)
-    startup = ray_startup_s()
+    alone = ray_startup_s()
     ideal = startup + compute / slots
-    out = {"sweep wall s": wall, "trial compute s": compute, "ray start-up s": startup,
+    out = {"sweep wall s": wall, "trial compute s": compute, "ray start-up in the sweep s": startup,
            "ideal s": ideal, "sweep / ideal": wall / ideal,
-           "overhead beyond ideal s": wall - ideal}
+           "overhead beyond ideal s": wall - ideal, "ray start-up alone s": alone,
+           "sweep / ideal with Ray's start-up alone": wall / (alone + compute / slots)}
     one_slot = {**spec, "name": "bench-memory", "resources": {"cpus": 2},
                 "fixed": {"data.name": "synthetic", "budget.epochs": 2},
                 "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": 1}}
@@ -119,11 +124,11 @@ def early_stopping() -> dict[str, float]:
     for name, scheduler in (("asha", quick["scheduler"]), ("none", {"name": "none"})):
         spec = {**quick, "name": f"bench-{name}", "scheduler": scheduler}
         with tempfile.TemporaryDirectory() as folder:
-            wall, runs = run_spec(spec, Path(folder))
+            wall, runs, startup = run_spec(spec, Path(folder))
             if name == "none":  # the engine's overhead on trials of a real sweep (~8 s each)
                 slots = quick["search"]["max_concurrent"]
                 out["quick sweep without ASHA: sweep / ideal"] = wall / (
-                    ray_startup_s() + compute_s(runs) / slots)
+                    startup + compute_s(runs) / slots)
             out[f"{name} epochs"] = sum(int(r.data.tags["trial.epochs"]) for _, r in runs)
             full = [r for _, r in runs if r.data.tags["trial.stopped_early"] == "false"]
             out[f"{name} best final val/accuracy_binary"] = max(

@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 from mlflow import MlflowClient
 from ray import tune
+from ray._private import ray_constants
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -89,13 +90,13 @@ def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
         opening = threading.Thread(target=open_store, args=(settings.tracking_uri,), daemon=True,
                                    name="mlflow-open")
         opening.start()  # MLflow opens its store (~0.5 s of CPU) while Ray starts (mostly waiting)
-        _start_ray()
+        ray_start_s = _start_ray()
         opening.join()
         if os.environ.get("RAY_ADDRESS") or not _started_here:
             nodes, grows = resources.cluster_nodes()
             if grows or not resources.can_grow():
                 resources.check_fits(spec.resources, nodes, "node of the cluster", grows)
-        return _run_locked(spec, settings, dataset)
+        return _run_locked(spec, settings, dataset, ray_start_s)
     finally:
         lock.release()
 
@@ -110,7 +111,8 @@ def open_store(uri: str) -> None:
 recording = False  # whether this driver has begun writing to the tracking store
 
 
-def _run_locked(spec: SweepSpec, settings: Settings, dataset) -> tune.ResultGrid:
+def _run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float | None
+                ) -> tune.ResultGrid:
     global recording
     recording = True
     client = MlflowClient(settings.tracking_uri)
@@ -120,6 +122,8 @@ def _run_locked(spec: SweepSpec, settings: Settings, dataset) -> tune.ResultGrid
     stale = tracking.close_stale_runs(client, exp_id, spec.sweep_id)
     tags = tracking.provenance(spec)
     parent = tracking.open_parent(client, exp_id, spec, tags)
+    if ray_start_s is not None:  # one value per launch
+        client.log_metric(parent, "time/ray_start_s", ray_start_s)
     path = storage_join(settings.storage, spec.sweep_id)
     resumed = tune.Tuner.can_restore(path)
     print(f"sweep {spec.sweep_id}: {spec.num_trials} trials, {'resuming' if resumed else 'new'}"
@@ -200,11 +204,14 @@ def close_other_sweeps(client, exp_id: str, spec: SweepSpec, storage: str) -> li
 _started_here = False
 
 
-def _start_ray() -> None:
+def _start_ray() -> float | None:
+    """Start a local Ray cluster, or connect to the one at RAY_ADDRESS; the seconds it took (None
+    when Ray was already initialised)."""
     global _started_here
     if ray.is_initialized():
-        return
+        return None
     address = os.environ.get("RAY_ADDRESS")
+    started = time.perf_counter()
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -215,6 +222,19 @@ def _start_ray() -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "
                          f"{tracking.summary(str(err))}") from err
+    return time.perf_counter() - started
+
+
+def stop_ray() -> None:
+    """`ray.shutdown()`, less the second it waits for a local cluster's autoscaler monitor to
+    ignore SIGTERM before it SIGKILLs it: the monitor is killed first (it keeps nothing; a local
+    cluster of fixed size has nothing to scale)."""
+    node = ray._private.worker._global_node
+    if _started_here and node is not None:
+        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+            info.process.kill()
+            info.process.wait()
+    ray.shutdown()
 
 
 def new_tuner(spec: SweepSpec, settings: Settings, dataset, callbacks: list[tune.Callback]

@@ -45,13 +45,31 @@ def start_sweep(spec_path: Path, env: dict[str, str], *args: str) -> subprocess.
 
 
 def run_sweep(spec_path: Path, env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    """Run a sweep to its end (exit 0); nothing it started (its local Ray cluster, the workers)
+    outlives it by more than a few seconds."""
     proc = start_sweep(spec_path, env, *args)
     try:
         out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, out[-4000:]
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not alive_in_session(proc.pid), 30, "the sweep's processes to end")
+        assert not alive_in_session(proc.pid), f"left running: {alive_in_session(proc.pid)}"
     finally:
         kill_group(proc)
-    assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def alive_in_session(sid: int) -> list[str]:
+    """The names of the live (not zombie) processes of session `sid`."""
+    names = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            name = text[text.index("(") + 1:text.rindex(")")]
+            fields = text[text.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                names.append(name)
+    return names
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -82,6 +82,7 @@ def assert_summary(spec, env, children):
     assert metrics["trials/stopped_early"] == ended.count("scheduler")
     assert metrics["trials/failed"] == ended.count("failed") + ended.count("diverged")
     assert metrics["trials/total"] == spec.num_trials
+    assert 0 < metrics["time/ray_start_s"] < 300
     last = {c.data.tags["trial.id"]: c.data.metrics[spec.metric] for c in children}
     best = (max if spec.mode == "max" else min)(last.values())
     assert metrics[f"best/{spec.metric}"] == best and last[tags["best.trial.id"]] == best
