@@ -60,16 +60,21 @@ def run_sweep(spec_path: Path, env: dict[str, str], *args: str, timeout: float =
 
 
 def alive_in_session(sid: int) -> list[str]:
-    """The names of the live (not zombie) processes of session `sid`."""
-    names = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            text = stat.read_text()
-            name = text[text.index("(") + 1:text.rindex(")")]
-            fields = text[text.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+    """The command lines of the live (not zombie) processes of session `sid`."""
+    return list(session_processes(sid).values())
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """The live (not zombie) processes of session `sid` (a sweep started by `start_sweep` and
+    its local Ray cluster): pid -> command line (a Ray worker's is its title, ray::...)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            stat = (proc / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
             if int(fields[3]) == sid and fields[0] != "Z":
-                names.append(name)
-    return names
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return found
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -152,20 +157,12 @@ def trial_results(storage: Path) -> dict[str, list[dict]]:
     return out
 
 
-def trial_worker_pids() -> list[int]:
-    """PIDs of the Ray worker processes running a trial (process title
-    ray::ResourceTrainable.train: Tune's wrapper of StudyTrial)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if cmdline.startswith("ray::ResourceTrainable"):
-            pids.append(int(proc.name))
-    return pids
+def trial_worker_pids(sweep: subprocess.Popen) -> list[int]:
+    """PIDs of the Ray worker processes running a trial of the sweep `sweep` started (process title
+    ray::ResourceTrainable.train: Tune's wrapper of StudyTrial); other sweeps on the machine are
+    not looked at."""
+    return [pid for pid, cmdline in session_processes(sweep.pid).items()
+            if cmdline.startswith("ray::ResourceTrainable")]
 
 
 def edit_spec(text: str, **changes) -> str:

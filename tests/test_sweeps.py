@@ -159,7 +159,7 @@ def test_resume_after_the_driver_is_killed_gives_no_duplicate_runs(tmp_path):
 def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     spec, env, storage, proc = start_one_slow_trial(tmp_path, "retry", epochs=6)
     try:
-        pids = trial_worker_pids()
+        pids = trial_worker_pids(proc)
         assert len(pids) == 1
         os.kill(pids[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=300)
