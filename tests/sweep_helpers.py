@@ -51,17 +51,13 @@ def run_sweep(spec_path: Path, env: dict[str, str], *args: str, timeout: float =
     try:
         out, _ = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, out[-4000:]
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not alive_in_session(proc.pid), 30, "the sweep's processes to end")
-        assert not alive_in_session(proc.pid), f"left running: {alive_in_session(proc.pid)}"
+        deadline = time.monotonic() + 30
+        while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"left running after the sweep: {list(left.values())}"
     finally:
         kill_group(proc)
     return out
-
-
-def alive_in_session(sid: int) -> list[str]:
-    """The command lines of the live (not zombie) processes of session `sid`."""
-    return list(session_processes(sid).values())
 
 
 def session_processes(sid: int) -> dict[int, str]:
