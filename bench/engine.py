@@ -49,18 +49,20 @@ def compute_s(trials) -> float:
     return total
 
 
-def ray_startup_s(samples: int = 3) -> float:
-    """Median seconds of `ray.init` starting a local cluster, each in a fresh process."""
+def ray_startup_s(samples: int = 5) -> float:
+    """Median seconds the sweep's driver takes to start a local Ray cluster (`runner._start_ray`,
+    the call and arguments the sweep uses), each in a fresh process with nothing else running.
+    On this machine a start takes ~2.6 or ~3.6 s (one wait inside Ray lands on either side of a
+    second), hence five samples."""
     import statistics
 
     return statistics.median(_ray_startup_once() for _ in range(samples))
 
 
 def _ray_startup_once() -> float:
-    code = ("import time, ray; t = time.perf_counter(); ray.init(address='local', "
-            "include_dashboard=False, _node_ip_address='127.0.0.1'); print(time.perf_counter() - t)")
+    code = "from sweeps import runner; print(runner._start_ray()); runner.stop_ray()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "HOME": tempfile.mkdtemp()}, timeout=300)
+                         cwd=ROOT, env={**os.environ, "HOME": tempfile.mkdtemp()}, timeout=300)
     return float(out.stdout.split()[-1])
 
 
@@ -69,24 +71,24 @@ SHORT_TRIALS = {"data.name": "fashion_mnist", "data.train_size": 20000, "budget.
 
 def sweep_overhead(trials: int = 16, slots: int = 2) -> dict[str, float]:
     """Wall time of a 16-trial sweep of short trials (MLP, 20k Fashion-MNIST images, 4 epochs: ~4 s)
-    against the ideal: Ray start-up plus the trials' own compute shared over the concurrent slots.
-    Ray's start-up is the sweep's own (its driver records it); a start-up sampled alone, in fresh
-    processes, is reported beside it (it moves by ~1 s from run to run on this machine).
-    Then the memory of a reused worker: 16 trials through one slot, peak RSS after 16 against
-    after 2."""
+    against the ideal: Ray's start-up plus the trials' own compute shared over the concurrent
+    slots. Ray's start-up is sampled alone, in fresh processes (`ray_startup_s`); the sweep's own
+    (its driver records it, with the driver's other start-up work beside it) is reported too, with
+    the ratio it gives. Then the memory of a reused worker: 16 trials through one slot, peak RSS
+    after 16 against after 2."""
     spec = {"name": "bench-overhead", "fixed": SHORT_TRIALS,
             "space": {"activation.p": {"uniform": [0.0, 1.0]}},
             "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": slots},
             "scheduler": {"name": "none"}, "resources": {"cpus": 2 / slots}}
     with tempfile.TemporaryDirectory() as folder:
-        wall, runs, startup = run_spec(spec, Path(folder))
+        wall, runs, own = run_spec(spec, Path(folder))
         compute = compute_s(runs)
-    alone = ray_startup_s()
+    startup = ray_startup_s()
     ideal = startup + compute / slots
-    out = {"sweep wall s": wall, "trial compute s": compute, "ray start-up in the sweep s": startup,
+    out = {"sweep wall s": wall, "trial compute s": compute, "ray start-up alone s": startup,
            "ideal s": ideal, "sweep / ideal": wall / ideal,
-           "overhead beyond ideal s": wall - ideal, "ray start-up alone s": alone,
-           "sweep / ideal with Ray's start-up alone": wall / (alone + compute / slots)}
+           "overhead beyond ideal s": wall - ideal, "ray start-up in the sweep s": own,
+           "sweep / ideal with the sweep's own Ray start-up": wall / (own + compute / slots)}
     one_slot = {**spec, "name": "bench-memory", "resources": {"cpus": 2},
                 "fixed": {"data.name": "synthetic", "budget.epochs": 2},
                 "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": 1}}

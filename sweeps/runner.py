@@ -16,6 +16,7 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 from ray._private import ray_constants
+from ray.tune.execution import class_cache
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -246,6 +247,14 @@ def new_tuner(spec: SweepSpec, settings: Settings, dataset, callbacks: list[tune
 
 
 def _trainable(spec: SweepSpec, dataset):
+    """StudyTrial with the sweep's spec and data, on the spec's resources, in workers Ray has
+    prestarted: Ray Tune gives every trainable actor the runtime env {"env_vars":
+    {"PL_DISABLE_FORK": "1"}} (a PyTorch Lightning switch, `ray.tune.execution.class_cache` in
+    Ray 2.60), and an actor with an environment of its own cannot take the workers Ray prestarts
+    for the driver, so every slot started a fresh worker (~1 s) while those sat idle. Nothing here
+    uses Lightning: without that variable the trials take the prestarted workers. Variables Tune
+    passes on from the driver's environment (AWS credentials for S3 storage) still go."""
+    class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
     return tune.with_resources(tune.with_parameters(StudyTrial, spec=spec, dataset=dataset),
                                {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
 

@@ -43,3 +43,32 @@ def test_a_multi_device_trial_trains_data_parallel_over_logical_devices():
     assert proc.returncode == 0, proc.stderr[-3000:]
     replicas, accuracy = proc.stdout.split()[-2:]
     assert replicas == "2" and float(accuracy) > 0.5
+
+
+LEAN_IMPORT = """
+import sys
+preloaded = sys.argv[1:]
+for name in preloaded:
+    __import__(name)
+from study.lean_import import import_tensorflow
+import_tensorflow()
+loaded_with_tf = [n for n in ("sklearn", "matplotlib") if n in sys.modules]
+import keras.src.wrappers.fixes as fixes
+from study.config import TrialConfig
+from study.train import train
+result = train(TrialConfig.from_flat({"data.name": "synthetic", "budget.epochs": 1}))
+import matplotlib.pyplot, sklearn.datasets  # importable afterwards
+print(loaded_with_tf, fixes.sklearn is None, result.history[-1]["epoch"])
+"""
+
+
+@pytest.mark.parametrize("preloaded,loaded,wrappers_off", [((), [], True),
+                                                            (("sklearn",), ["sklearn"], False)])
+def test_tensorflow_imports_without_what_keras_loads_only_for_unused_features(
+        preloaded, loaded, wrappers_off):
+    """A worker's TensorFlow import leaves scikit-learn and matplotlib out (~1 s of its start-up),
+    trains as usual, and both still import afterwards; one imported before stays as it is."""
+    proc = subprocess.run([sys.executable, "-c", LEAN_IMPORT, *preloaded], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == f"{loaded} {wrappers_off} 1"

@@ -383,3 +383,44 @@ scheduler: {name: none}
         assert child.info.status == "FINISHED" and child.data.tags["trial.stopped_early"] == "false"
     assert children["patience"].data.tags["trial.ended"] == "plateau"  # the data's premise
     assert children["patience"].data.params["budget.patience"] == "1"
+
+
+PRESTARTED = """
+import os, sys, time, ray
+from ray.tune.execution.class_cache import _ActorClassCache
+from sweeps import runner
+from sweeps.spec import parse_spec
+runner._start_ray()
+if sys.argv[1] == "as-the-sweep":
+    spec = parse_spec({"name": "p", "fixed": {"data.name": "synthetic"},
+                       "space": {"activation.p": {"grid": [0.5]}}, "search": {"algorithm": "grid"}},
+                      "p.yaml", "0" * 8, smoke=False)
+    runner._trainable(spec, None)
+
+def idle():
+    return sorted(p.pid for p in __import__("psutil").Process().children(recursive=True)
+                  if p.name() == "ray::IDLE")
+deadline = time.monotonic() + 60
+while len(idle()) < 2 and time.monotonic() < deadline:  # Ray prestarts one per CPU
+    time.sleep(0.2)
+prestarted = idle()
+
+class Trial:
+    def pid(self):
+        return os.getpid()
+cls = _ActorClassCache().get(Trial)  # as Ray Tune registers a trainable
+actors = [cls.options(num_cpus=1).remote() for _ in prestarted]
+print(len(prestarted), sorted(ray.get([a.pid.remote() for a in actors])) == prestarted)
+runner.stop_ray()
+"""
+
+
+@pytest.mark.parametrize("how,reused", [("as-the-sweep", True), ("as-ray-tune-alone", False)])
+def test_trials_run_in_the_workers_ray_prestarts(tmp_path, how, reused):
+    """A sweep's trial actors take the workers Ray prestarts for its driver (one per CPU) instead
+    of each starting a fresh one (~1 s); with Ray Tune's own runtime env for trainables they
+    cannot (the second case shows the check can fail)."""
+    proc = subprocess.run([sys.executable, "-c", PRESTARTED, how], cwd=ROOT,
+                          env=sweep_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == f"2 {reused}"
