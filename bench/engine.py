@@ -49,18 +49,10 @@ def compute_s(trials) -> float:
     return total
 
 
-def ray_startup_s(samples: int = 5) -> float:
-    """Median seconds the sweep's driver takes to start a local Ray cluster (`runner._start_ray`,
-    the call and arguments the sweep uses), each in a fresh process with nothing else running.
-    On this machine a start takes ~2.6 or ~3.6 s (one wait inside Ray lands on either side of a
-    second), hence five samples."""
-    import statistics
-
-    return statistics.median(_ray_startup_once() for _ in range(samples))
-
-
 def _ray_startup_once() -> float:
-    code = "from sweeps import runner; print(runner._start_ray()); runner.stop_ray()"
+    """Seconds the sweep's driver takes to start a local Ray cluster (`launch.start_ray`, the call
+    and arguments the sweep uses), in a fresh process with nothing else running."""
+    code = "from sweeps import launch; print(launch.start_ray()); launch.stop_ray()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT, env={**os.environ, "HOME": tempfile.mkdtemp()}, timeout=300)
     return float(out.stdout.split()[-1])
@@ -69,24 +61,34 @@ def _ray_startup_once() -> float:
 SHORT_TRIALS = {"data.name": "fashion_mnist", "data.train_size": 20000, "budget.epochs": 4}
 
 
-def sweep_overhead(trials: int = 16, slots: int = 2) -> dict[str, float]:
+def sweep_overhead(trials: int = 16, slots: int = 2, rounds: int = 3) -> dict[str, float | str]:
     """Wall time of a 16-trial sweep of short trials (MLP, 20k Fashion-MNIST images, 4 epochs: ~4 s)
     against the ideal: Ray's start-up plus the trials' own compute shared over the concurrent
-    slots. Ray's start-up is sampled alone, in fresh processes (`ray_startup_s`); the sweep's own
-    (its driver records it, with the driver's other start-up work beside it) is reported too, with
-    the ratio it gives. Then the memory of a reused worker: 16 trials through one slot, peak RSS
-    after 16 against after 2."""
+    slots. Ray's start-up is sampled alone, two fresh processes after each sweep (on this machine a
+    start takes ~2.6 or ~3.6 s: one wait inside Ray lands on either side of a second), and the
+    ideal takes the median of all samples. `rounds` sweeps: the figures are those of the round
+    with the median ratio. The sweep's own start-up (its driver records it, with the driver's other
+    start-up work beside it) is reported too, with the ratio it gives. Then the memory of a reused
+    worker: 16 trials through one slot, peak RSS after 16 against after 2."""
+    import statistics
+
     spec = {"name": "bench-overhead", "fixed": SHORT_TRIALS,
             "space": {"activation.p": {"uniform": [0.0, 1.0]}},
             "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": slots},
             "scheduler": {"name": "none"}, "resources": {"cpus": 2 / slots}}
-    with tempfile.TemporaryDirectory() as folder:
-        wall, runs, own = run_spec(spec, Path(folder))
-        compute = compute_s(runs)
-    startup = ray_startup_s()
+    sweeps, samples = [], []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as folder:
+            wall, runs, own = run_spec(spec, Path(folder))
+            sweeps.append((wall, compute_s(runs), own))
+        samples += [_ray_startup_once() for _ in range(2)]
+    startup = statistics.median(samples)
+    ratios = [wall / (startup + compute / slots) for wall, compute, _ in sweeps]
+    wall, compute, own = sweeps[ratios.index(statistics.median_low(ratios))]
     ideal = startup + compute / slots
     out = {"sweep wall s": wall, "trial compute s": compute, "ray start-up alone s": startup,
            "ideal s": ideal, "sweep / ideal": wall / ideal,
+           "sweep / ideal, each round": " ".join(f"{r:.3f}" for r in ratios),
            "overhead beyond ideal s": wall - ideal, "ray start-up in the sweep s": own,
            "sweep / ideal with the sweep's own Ray start-up": wall / (own + compute / slots)}
     one_slot = {**spec, "name": "bench-memory", "resources": {"cpus": 2},
@@ -156,13 +158,13 @@ def tracking_cost(pairs: int = 6) -> dict[str, float]:
 
     from study.config import TrialConfig
     from study.data import load
-    from sweeps import runner, tracking
+    from sweeps import launch, runner, tracking
     from sweeps.spec import parse_spec
 
     folder = Path(tempfile.mkdtemp())
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    settings = runner.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
+    settings = launch.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
                                folder / "mlartifacts")
     raw = {"name": "bench-tracking", "fixed": SHORT_TRIALS,
            "space": {"activation.p": {"grid": [0.5]}}, "seeds": list(range(2 * pairs + 1)),

@@ -26,7 +26,7 @@ What is real and what is constructed:
   by made-up numbers: each `step` returns the keys a 1-epoch synthetic trial reports (every epoch
   metric, the per-trial constants, the final test metrics, `trial/placement`, `trial/gpu_share`,
   the worker's peak memory) with random values, and its checkpoint is the history as JSON.
-- State at sizes <= `real_up_to` (default 1000): a real sweep, `runner.run` on a local Ray: the
+- State at sizes <= `real_up_to` (default 1000): a real sweep, `launch.run` on a local Ray: the
   preflight checks, the driver lock, the MLflow tracker on an SQLite store, the Progress and signal
   callbacks, Ray's per-trial loggers, `KeepWhatRayReads`, the searcher (`StudySearch` behind a
   `ConcurrencyLimiter`), reused workers. The bytes are those of the files Ray Tune leaves in the
@@ -190,9 +190,9 @@ def bench_spec(n: int, folder: Path):
 
 
 def settings_in(folder: Path):
-    from sweeps import runner
+    from sweeps import launch
 
-    return runner.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
+    return launch.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
                            folder / "mlartifacts", None)
 
 
@@ -206,11 +206,11 @@ def state_bytes(experiment: Path) -> dict[str, float]:
 
 
 def real_state(n: int, folder: Path) -> dict[str, float]:
-    """A real sweep of n InstantTrials through `runner.run`: the state files it leaves, and how
+    """A real sweep of n InstantTrials through `launch.run`: the state files it leaves, and how
     many snapshots Ray Tune took (`save_to_dir` calls) and the bytes they wrote in all."""
     from ray.tune.execution.tune_controller import TuneController
 
-    from sweeps import runner
+    from sweeps import launch, runner
 
     spec, settings = bench_spec(n, folder), settings_in(folder)
     written = []
@@ -224,7 +224,7 @@ def real_state(n: int, folder: Path) -> dict[str, float]:
     with mock.patch.object(runner, "StudyTrial", InstantTrial), \
             mock.patch.object(TuneController, "save_to_dir", counted), \
             contextlib.redirect_stdout(io.StringIO()):
-        results = runner.run(spec, settings)
+        results = launch.run(spec, settings)
     assert len(results) == n and not results.errors, f"{len(results)} trials, {results.errors}"
     return {**state_bytes(Path(settings.storage, spec.sweep_id)), "snapshots": len(written),
             "written": sum(written)}
@@ -241,7 +241,7 @@ def constructed_state(n: int, folder: Path) -> dict[str, float]:
 
     from study.config import TrialConfig
     from study.data import load
-    from sweeps import interrupt, runner, tracking
+    from sweeps import runner, tracking
 
     spec, settings = bench_spec(n, folder), settings_in(folder)
     dataset = load(TrialConfig.from_flat(spec.fixed).data)
@@ -251,7 +251,7 @@ def constructed_state(n: int, folder: Path) -> dict[str, float]:
     tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id,
                                      tracking.open_parent(client, exp_id, spec, tags), tags,
                                      tracking.DatasetRecord.of(dataset))
-    callbacks = [tracker, runner.Progress(spec), interrupt.Catch()]
+    callbacks = [tracker, runner.Progress(spec), runner.Catch()]
     with mock.patch.object(runner, "StudyTrial", InstantTrial):
         runner.new_tuner(spec, settings, dataset, list(callbacks))  # writes tuner.pkl
         trainable = runner._trainable(spec, dataset)

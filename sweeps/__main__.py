@@ -84,20 +84,20 @@ def main(argv: list[str] | None = None) -> int:
 
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
-    from sweeps import interrupt, runner  # Ray and MLflow are imported only for a valid spec
+    from sweeps import interrupt, launch  # Ray is imported only for a valid spec
 
     try:
-        results = runner.run(specs[0], runner.Settings.from_env())
-    except runner.Interrupted as err:
+        results = launch.run(specs[0], launch.Settings.from_env())
+    except launch.Interrupted as err:
         print(f"{err} ({resume_command(args)})", file=sys.stderr)
         return interrupt.exit_status()
     except KeyboardInterrupt:
         print(f"interrupted by {interrupt.name()} " + (
             "before the record was closed; runs left RUNNING are closed KILLED when the same "
-            f"command runs again ({resume_command(args)})" if runner.recording else
+            f"command runs again ({resume_command(args)})" if launch.recording else
             "before the sweep started; nothing was recorded"), file=sys.stderr)
         return interrupt.exit_status()
-    except runner.SweepError as err:
+    except launch.SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary(results, specs[0]))
@@ -140,14 +140,14 @@ def summary(results, spec) -> str:
 
 def exit_at_once(code: int) -> None:
     """End the process when `main` is done: Ray shut down (as its own atexit handler would, less
-    the wait for the monitor: `runner.stop_ray`), logs and output flushed, then `os._exit`, without
+    the wait for the monitor: `launch.stop_ray`), logs and output flushed, then `os._exit`, without
     the interpreter's finalization of Ray, MLflow, SQLAlchemy and pandas (~1.1 s after a sweep on
     2 cores). Nothing is left to write by then: the record is closed, the tracker flushed, Ray
     Tune's state synced, every database write committed."""
     import logging
 
-    if "sweeps.runner" in sys.modules:
-        sys.modules["sweeps.runner"].stop_ray()
+    if "sweeps.launch" in sys.modules:
+        sys.modules["sweeps.launch"].stop_ray()
     elif "ray" in sys.modules:
         sys.modules["ray"].shutdown()
     logging.shutdown()

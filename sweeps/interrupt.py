@@ -3,32 +3,33 @@ remembers which signal came so that it closes the record as KILLED and exits 128
 
 Before Ray Tune runs, either signal raises KeyboardInterrupt. While it runs, Ray Tune's own SIGINT
 handler stops the experiment after a last snapshot (a second Ctrl-C then interrupts at once);
-`Catch` wraps that handler on the loop's first step and routes SIGTERM through it too.
+`sweeps.runner.Catch` wraps that handler on the loop's first step and routes SIGTERM through it too.
+Imports nothing heavy: the handlers are installed before the sweep's checks.
 """
 
 from __future__ import annotations
 
 import signal
 
-from ray import tune
-
 received: int | None = None
 
 
-def _record(signum: int) -> None:
+def remember(signum: int) -> None:
+    """Keep the first signal received."""
     global received
     received = received or signum
 
 
-def _raise(signum, frame) -> None:
-    _record(signum)
+def raise_interrupt(signum, frame) -> None:
+    """The handler before Ray Tune runs: remember the signal, raise KeyboardInterrupt."""
+    remember(signum)
     raise KeyboardInterrupt
 
 
 def install() -> None:
     """Before Ray Tune starts: SIGINT and SIGTERM raise KeyboardInterrupt (and are remembered)."""
-    signal.signal(signal.SIGINT, _raise)
-    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGINT, raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def exit_status() -> int:
@@ -39,31 +40,11 @@ def name() -> str:
     return signal.Signals(received or signal.SIGINT).name
 
 
-class Catch(tune.Callback):
-    """Wraps Ray Tune's SIGINT handler (installed when its loop starts) so that the signal is
-    remembered, and sends SIGTERM the same way."""
+def __getattr__(name: str):
+    """`Catch` lived here until 2026-11-27: the saved Tuner of a sweep interrupted before then
+    names it so, and resuming it looks it up here."""
+    if name == "Catch":
+        from sweeps.runner import Catch
 
-    def __init__(self):
-        self.installed = False
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
-
-    def on_step_begin(self, iteration, trials, **info):
-        if self.installed:
-            return
-        self.installed = True
-        tune_handler = signal.getsignal(signal.SIGINT)
-        if not callable(tune_handler) or tune_handler is _raise:
-            return  # Ray Tune did not install one (not the main thread, or disabled)
-
-        def stop(signum, frame):
-            _record(signum)
-            signal.signal(signal.SIGTERM, _raise)  # a second signal interrupts at once
-            tune_handler(signal.SIGINT, frame)
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
+        return Catch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

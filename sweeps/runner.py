@@ -1,105 +1,30 @@
-"""Run a sweep: a validated spec -> a Ray Tune Tuner (new, or restored when interrupted) with
-Optuna as the searcher, ASHA as the scheduler and MLflow as the record."""
+"""The tuning side of a sweep, once `sweeps.launch` has checked it and started Ray: a Ray Tune
+Tuner (new, or restored when interrupted) with Optuna as the searcher, ASHA as the scheduler and
+MLflow as the record; then the record closed."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import ray
 from mlflow import MlflowClient
 from ray import tune
-from ray._private import ray_constants
 from ray.tune.execution import class_cache
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from study.config import TrialConfig
-from study.data import DatasetError, load
-from sweeps import interrupt, resources, tracking
+from sweeps import interrupt, tracking
+from sweeps.launch import Interrupted, Settings
 from sweeps.lock import DriverLock, holder_text
-from sweeps.preflight import (
-    SweepError,
-    check_ray,
-    check_storage,
-    check_studies,
-    check_tracking,
-    storage_join,
-)
+from sweeps.preflight import SweepError, error_line, storage_join
 from sweeps.space import DefineByRun, Repeats, StudySearch, sampler, study_storage
 from sweeps.spec import SweepSpec
 from sweeps.trainable import SCORE, TIME_ATTR, StudyTrial, ray_keeps
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class Settings:
-    storage: str  # Ray Tune storage: a local or shared path, or s3://bucket/prefix[?endpoint_override=...]
-    tracking_uri: str
-    artifact_root: Path | None  # for a local tracking store; a server chooses its own
-    optuna_storage: str | None = None  # the searcher's study (RDB URL); None: in memory
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        """STORAGE, MLFLOW_TRACKING_URI and OPTUNA_STORAGE, defaulting to runs/ray, runs/mlflow.db
-        and runs/optuna.db here; a local SQLite store keeps its artifacts in mlartifacts/ and the
-        Optuna studies in optuna.db beside it. With a tracking server, OPTUNA_STORAGE names the
-        studies' database (the server's PostgreSQL: `make mlflow-server` prints it)."""
-        storage = os.environ.get("STORAGE") or str(PROJECT / "runs" / "ray")
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            (PROJECT / "runs").mkdir(exist_ok=True)
-            uri = f"sqlite:///{PROJECT / 'runs' / 'mlflow.db'}"
-        studies = os.environ.get("OPTUNA_STORAGE") or None
-        if uri.startswith("sqlite:///"):  # artifacts and studies beside a local store
-            folder = Path(uri.removeprefix("sqlite:///")).parent
-            return cls(storage, uri, folder / "mlartifacts",
-                       studies or f"sqlite:///{folder / 'optuna.db'}")
-        return cls(storage, uri, None, studies)
-
-
-class Interrupted(SweepError):
-    """SIGINT or SIGTERM stopped the sweep; the record was closed as KILLED (exit 128 + signal)."""
-
-
-def run(spec: SweepSpec, settings: Settings) -> tune.ResultGrid:
-    """Run (or resume) the sweep to the end and close its MLflow runs. The data, the tracking store,
-    the storage, the Ray cluster and its room for one trial are checked, and the sweep's driver
-    lock taken, before anything is started or written."""
-    interrupt.install()
-    try:
-        dataset = load(TrialConfig.from_flat(spec.fixed).data)
-    except DatasetError as err:
-        raise SweepError(str(err)) from err
-    check_tracking(settings.tracking_uri)
-    check_storage(settings.storage)
-    if spec.search.algorithm != "grid":
-        check_studies(settings.optuna_storage)
-    check_ray(os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        resources.check_fits(spec.resources, [resources.local_node()], "node (this machine)")
-    lock = DriverLock(settings.storage, spec.sweep_id).acquire()
-    try:
-        opening = threading.Thread(target=open_store, args=(settings.tracking_uri,), daemon=True,
-                                   name="mlflow-open")
-        opening.start()  # MLflow opens its store (~0.5 s of CPU) while Ray starts (mostly waiting)
-        ray_start_s = _start_ray()
-        opening.join()
-        if os.environ.get("RAY_ADDRESS") or not _started_here:
-            nodes, grows = resources.cluster_nodes()
-            if grows or not resources.can_grow():
-                resources.check_fits(spec.resources, nodes, "node of the cluster", grows)
-        return _run_locked(spec, settings, dataset, ray_start_s)
-    finally:
-        lock.release()
 
 
 def open_store(uri: str) -> None:
@@ -109,13 +34,10 @@ def open_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
 
 
-recording = False  # whether this driver has begun writing to the tracking store
-
-
-def _run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float | None
-                ) -> tune.ResultGrid:
-    global recording
-    recording = True
+def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float | None
+               ) -> tune.ResultGrid:
+    """Run (or resume) the sweep under its driver lock on a started Ray, recording it in MLflow;
+    the record is closed whatever happens (KILLED on a signal, FAILED on an error)."""
     client = MlflowClient(settings.tracking_uri)
     exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
     for line in close_other_sweeps(client, exp_id, spec, settings.storage):
@@ -138,13 +60,13 @@ def _run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float
         else:
             tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags,
                                              tracking.DatasetRecord.of(dataset))
-            tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec), interrupt.Catch()])
+            tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec), Catch()])
         results = tuner.fit()
         status = "KILLED" if interrupt.received else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
     except Exception as err:
-        failure = tracking.summary(str(err))
+        failure = error_line(str(err))
         raise
     finally:
         left = _close_record(client, exp_id, spec, parent, status, failure)
@@ -200,42 +122,6 @@ def close_other_sweeps(client, exp_id: str, spec: SweepSpec, storage: str) -> li
                      f"{f', {closed} runs left RUNNING closed KILLED' if closed else ''}); "
                      f"starting sweep {spec.sweep_id}")
     return lines
-
-
-_started_here = False
-
-
-def _start_ray() -> float | None:
-    """Start a local Ray cluster, or connect to the one at RAY_ADDRESS; the seconds it took (None
-    when Ray was already initialised)."""
-    global _started_here
-    if ray.is_initialized():
-        return None
-    address = os.environ.get("RAY_ADDRESS")
-    started = time.perf_counter()
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1", configure_logging=False)
-            _started_here = True
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "
-                         f"{tracking.summary(str(err))}") from err
-    return time.perf_counter() - started
-
-
-def stop_ray() -> None:
-    """`ray.shutdown()`, less the second it waits for a local cluster's autoscaler monitor to
-    ignore SIGTERM before it SIGKILLs it: the monitor is killed first (it keeps nothing; a local
-    cluster of fixed size has nothing to scale)."""
-    node = ray._private.worker._global_node
-    if _started_here and node is not None:
-        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
-            info.process.kill()
-            info.process.wait()
-    ray.shutdown()
 
 
 def new_tuner(spec: SweepSpec, settings: Settings, dataset, callbacks: list[tune.Callback]
@@ -371,3 +257,33 @@ class Progress(tune.Callback):
         print(f"[{time.strftime('%H:%M:%S')}] {self.spec.sweep_id}: {event + '; ' if event else ''}"
               f"{running} running, {len(self.done)}/{self.spec.num_trials} done, "
               f"{len(self.failed)} failed; {best}", file=sys.stdout, flush=True)
+
+
+class Catch(tune.Callback):
+    """Wraps Ray Tune's SIGINT handler (installed when its loop starts) so that the signal is
+    remembered (`interrupt`), and sends SIGTERM the same way."""
+
+    def __init__(self):
+        self.installed = False
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.installed:
+            return
+        self.installed = True
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if not callable(tune_handler) or tune_handler is interrupt.raise_interrupt:
+            return  # Ray Tune did not install one (not the main thread, or disabled)
+
+        def stop(signum, frame):
+            interrupt.remember(signum)
+            signal.signal(signal.SIGTERM, interrupt.raise_interrupt)  # a second one: at once
+            tune_handler(signal.SIGINT, frame)
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)

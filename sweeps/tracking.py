@@ -35,6 +35,7 @@ from ray import tune
 from study.config import flat_to_strings
 from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 from sweeps import ui
+from sweeps.preflight import error_line
 from sweeps.spec import SweepSpec
 from sweeps.trainable import SCORE
 
@@ -590,7 +591,7 @@ class Writer:
         if self.outage_since is None:
             self.outage_since = time.monotonic()
             log.warning("MLflow at %s unreachable (%s); %d writes queued, retrying",
-                        self.tracking_uri, summary(str(err)), len(self.queue))
+                        self.tracking_uri, error_line(str(err)), len(self.queue))
 
 
 def describe_left(left: list[str]) -> str:
@@ -626,10 +627,4 @@ def _closed(run) -> bool:
 
 
 def _error_of(trial) -> str:
-    return summary(str(trial.get_error() or "the trial raised an error"))
-
-
-def summary(text: str) -> str:
-    """The last non-empty line of an error text (a traceback ends with its message)."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[-1][:500] if lines else ""
+    return error_line(str(trial.get_error() or "the trial raised an error"))

@@ -1,11 +1,15 @@
 """One driver per sweep: the lock beside the storage refuses a second holder, names the first, and
 is free again the moment its holder dies (however it dies)."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -58,12 +62,24 @@ def test_a_released_lock_can_be_taken_again(tmp_path):
 
 
 def object_lock(tmp_path, monkeypatch) -> DriverLock:
-    """The object-store lock (s3://...), exercised through pyarrow on a local folder."""
+    """The object-store lock (s3://...), exercised through pyarrow on a local folder. An object
+    store's PUT is atomic (a reader sees the old object or the new one, the last writer wins);
+    two streams writing one local file at once are not (they can interleave into neither), so
+    the folder stands in for the store with writes made atomic by a rename (test_s3.py runs
+    whole sweeps, this lock included, on an S3 server)."""
     monkeypatch.setattr(lock_module, "SETTLE_S", 0.5)
     monkeypatch.setattr(lock_module, "BEAT_S", 0.1)
     lock = DriverLock(str(tmp_path), "s-1")
     lock.remote = True
     (tmp_path / ".drivers").mkdir(exist_ok=True)
+
+    def put(info: dict) -> None:
+        path = Path(lock._object_path())
+        staged = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
+        staged.write_text(json.dumps(info))
+        os.replace(staged, path)
+
+    lock._write_object = put
     return lock
 
 

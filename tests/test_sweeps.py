@@ -215,11 +215,11 @@ def test_a_resumed_trial_whose_named_checkpoint_is_partial_uses_the_newest_that_
 
 LOGICAL_GPUS = """
 import os, sys, ray
-from sweeps import runner
+from sweeps import launch
 from sweeps.spec import load_spec
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
          _node_ip_address="127.0.0.1", log_to_driver=False)
-runner.run(load_spec(sys.argv[1]), runner.Settings.from_env())
+launch.run(load_spec(sys.argv[1]), launch.Settings.from_env())
 """
 
 
@@ -388,9 +388,9 @@ scheduler: {name: none}
 PRESTARTED = """
 import os, sys, time, ray
 from ray.tune.execution.class_cache import _ActorClassCache
-from sweeps import runner
+from sweeps import launch, runner
 from sweeps.spec import parse_spec
-runner._start_ray()
+launch.start_ray()
 if sys.argv[1] == "as-the-sweep":
     spec = parse_spec({"name": "p", "fixed": {"data.name": "synthetic"},
                        "space": {"activation.p": {"grid": [0.5]}}, "search": {"algorithm": "grid"}},
@@ -411,7 +411,7 @@ class Trial:
 cls = _ActorClassCache().get(Trial)  # as Ray Tune registers a trainable
 actors = [cls.options(num_cpus=1).remote() for _ in prestarted]
 print(len(prestarted), sorted(ray.get([a.pid.remote() for a in actors])) == prestarted)
-runner.stop_ray()
+launch.stop_ray()
 """
 
 
