@@ -29,14 +29,14 @@ _SQLITE_HEADER = b"SQLite format 3\0"
 class SweepError(RuntimeError):
     """The sweep cannot start; the message is one line."""
 
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
 
 def error_line(text: str) -> str:
     """The last non-empty line of an error text (a traceback ends with its message)."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
-
-    def __init__(self, message: str):
-        super().__init__(one_line(message))
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

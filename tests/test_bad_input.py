@@ -347,3 +347,8 @@ def test_check_storage_accepts_a_folder_to_be_made_and_makes_nothing(tmp_path):
 def test_check_ray_refuses_a_malformed_address_in_one_line(address):
     with pytest.raises(SweepError, match="expected host:port"):
         check_ray(address)
+
+
+def test_a_sweep_error_is_one_line_whatever_its_message_holds():
+    """Errors built from other text (a server's reply, a path, a traceback) stay one line."""
+    assert str(SweepError("bad\nvalue\r here")) == "bad\\nvalue\\r here"
