@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray._private import ray_constants
 
 from study.config import TrialConfig
 from study.data import DatasetError, load
@@ -43,7 +44,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 # What `ray.init` of a local cluster imports lazily (its usage statistics, its dashboard's optional
 # dependencies, its CLI helpers) that the tuning side imports as well (Ray 2.60, MLflow 3.17).
 RAY_INIT_IMPORTS = ("ray._common.usage.usage_lib", "ray.dashboard.optional_deps", "click")
-TUNING = "sweeps.runner"
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def run(spec: SweepSpec, settings: Settings):
         loading.start()
         ray_start_s = start_ray()
         loading.join()
-        runner = importlib.import_module(TUNING)  # loaded by now; raises here if it failed
+        from sweeps import runner  # loaded by now; raises here if it failed
         if os.environ.get("RAY_ADDRESS") or not _started_here:
             nodes, grows = resources.cluster_nodes()
             if grows or not resources.can_grow():
@@ -121,7 +121,8 @@ def load_tuning(tracking_uri: str) -> None:
     tracking store, reading nothing but one experiment. A failure is left to the main thread:
     its own import, or the sweep's first use of the store, reports it."""
     with contextlib.suppress(Exception):
-        runner = importlib.import_module(TUNING)
+        from sweeps import runner
+
         runner.open_store(tracking_uri)
 
 
@@ -153,8 +154,6 @@ def stop_ray() -> None:
     """`ray.shutdown()`, less the second it waits for a local cluster's autoscaler monitor to
     ignore SIGTERM before it SIGKILLs it: the monitor is killed first (it keeps nothing; a local
     cluster of fixed size has nothing to scale). Reaches into `ray._private` (Ray 2.60) for it."""
-    from ray._private import ray_constants
-
     node = ray._private.worker._global_node
     if _started_here and node is not None:
         for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
