@@ -3,7 +3,8 @@
 The flat form (`activation.p`, `model.arch`, `seed`, ...) is what sweep specs, Ray configs, MLflow params
 and the analysis' `params.*` columns all use. Keys that do not apply to the chosen architecture,
 activation kind or optimiser are left out of it, and setting one is an error, as is an unknown key, a
-wrong type or an out-of-range value; every error names the dotted key.
+wrong type, an out-of-range value, a count or size above its maximum (MAX_*) or a train_size or batch
+size beyond the training images there are (TRAIN_IMAGES); every error names the dotted key.
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+# The most of each count and size: far beyond any realistic study, short of a trial that never ends or
+# never fits in memory.
+MAX_EPOCHS = 10_000  # epochs and patience: the study trains 6-40 epochs; more is a trial without end
+MAX_WIDTH = 65_536  # units of a dense layer, filters of a conv layer, bits of a code: the study uses 8-512
+MAX_LAYERS = 64  # hidden layers (widths) or conv layers (filters): the study's networks have 1-2
+MAX_RAMP_STEPS = 10**9  # activation.p_ramp_steps: more steps than the longest trial's (MAX_EPOCHS x 60,000)
+MAX_THREADS = 1024  # runtime.threads: more than the cores of any one machine
+
+# Training images of each dataset before the validation split (its test images held apart), so that
+# sizes are checked without loading the data; study.data's loaders give exactly these (a test pins it).
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "digits": 1_797 - 1_797 // 5, "synthetic": 3_000}
+DATA_SIZE_KEYS = ("data.name", "data.val_fraction", "data.train_size", "budget.batch_size")  # checked as one
 
 
 class ConfigError(ValueError):
@@ -120,6 +134,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runtime.threads": _non_negative,
     "seed": _seed,
 }
+_MAXIMA = {"model.widths": MAX_WIDTH, "model.filters": MAX_WIDTH, "model.dense_width": MAX_WIDTH,
+           "model.code_bits": MAX_WIDTH, "activation.p_ramp_steps": MAX_RAMP_STEPS,
+           "budget.epochs": MAX_EPOCHS, "budget.patience": MAX_EPOCHS, "runtime.threads": MAX_THREADS}
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,7 @@ class TrialConfig:
         for key, value in _all_items(self).items():
             _check_type(key, value, _ANNOTATIONS[key])
             _check_range(key, value)
+        _check_data_sizes(self)
 
     def to_flat(self) -> dict[str, Any]:
         """The dotted keys that apply to this config, in declaration order."""
@@ -177,6 +195,17 @@ def check_value(key: str, value: Any) -> Any:
     value = _coerce(key, value, _ANNOTATIONS[key])
     _check_range(key, value)
     return value
+
+
+def val_images(total: int, val_fraction: float) -> int:
+    """How many of `total` training images the validation split takes."""
+    return int(round(val_fraction * total))
+
+
+def train_images(data: DataConfig) -> int:
+    """The training images left after the validation split (data.train_size takes that many of them)."""
+    total = TRAIN_IMAGES[data.name]
+    return total - val_images(total, data.val_fraction)
 
 
 def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
@@ -239,6 +268,25 @@ def _check_range(key: str, value: Any) -> None:
     check, message = _RANGES.get(key, (lambda v: True, ""))
     if not check(value):
         raise ConfigError(f"{key} = {_show(value)}: {message}")
+    if isinstance(value, tuple) and len(value) > MAX_LAYERS:
+        raise ConfigError(f"{key}: {len(value)} layers, at most {MAX_LAYERS}")
+    maximum = _MAXIMA.get(key)
+    if maximum is not None and max(value if isinstance(value, tuple) else (value,)) > maximum:
+        each = "each " if isinstance(value, tuple) else ""
+        raise ConfigError(f"{key} = {_show(value)}: {each}must be <= {maximum}")
+
+
+def _check_data_sizes(config: TrialConfig) -> None:
+    """data.train_size and budget.batch_size against the training images there are (DATA_SIZE_KEYS)."""
+    data, left, batch = config.data, train_images(config.data), config.budget.batch_size
+    split = f"of {data.name} left after the validation split (val_fraction {data.val_fraction})"
+    if data.train_size > left:
+        raise ConfigError(f"data.train_size: {data.train_size} is more than the {left} training images "
+                          f"{split}")
+    if batch > (data.train_size or left):
+        used = f"a trial trains on (data.train_size {data.train_size})" if data.train_size else split
+        raise ConfigError(f"budget.batch_size: {batch} is more than the {data.train_size or left} training "
+                          f"images {used}")
 
 
 def _show(value: Any) -> str:

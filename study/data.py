@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study.config import DataConfig, one_line
+from study.config import DataConfig, one_line, val_images
 
 FASHION_MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -88,7 +88,7 @@ def load(config: DataConfig) -> Dataset:
     x, y, x_test, y_test, scale = _LOADERS[config.name]()
     rng = np.random.default_rng(config.split_seed)
     order = rng.permutation(len(x))
-    n_val = int(round(config.val_fraction * len(x)))
+    n_val = val_images(len(x), config.val_fraction)
     val, train = order[:n_val], order[n_val:]
     if config.train_size:
         train = train[: config.train_size]

@@ -27,7 +27,9 @@ The file itself is held to what a spec is: at most 1 MB of UTF-8 text; plain YAM
 numbers, true/false, null, lists, mappings: no tags such as !!python/..., dates stay text); no key
 twice in a mapping; at most 100000 values once aliases are expanded, no alias that contains itself,
 at most 32 levels deep; every number finite. A sweep has at most `max_trials` trials (default 1000;
-a spec raises it with a top-level `max_trials: N`), counted without listing them.
+a spec raises it with a top-level `max_trials: N`, up to MAX_TRIALS_LIMIT), counted without listing
+them. Every other count has its maximum (MAX_*, here and in `study.config`), and data.train_size and
+budget.batch_size fit the training images there are, in fixed, variants and space (at a range's ends).
 
 The sweep id follows the spec's meaning, not its text: `SweepSpec.digest` hashes the validated
 content, so comments, key order, YAML style, the description and `max_trials` leave it unchanged.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -50,6 +53,8 @@ import yaml
 
 from study.config import (
     ALL_KEYS,
+    DATA_SIZE_KEYS,
+    MAX_THREADS,
     SELECTOR_KEYS,
     ConfigError,
     TrialConfig,
@@ -64,6 +69,10 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 ALGORITHMS = ("tpe", "qmc", "grid")
 SCHEDULERS = ("asha", "none")
 MAX_TRIALS = 1000  # the default of `max_trials`
+MAX_TRIALS_LIMIT = 10_000_000  # the most `max_trials` may be: 10 million one-minute trials are 19 core-years
+MAX_CONCURRENT = 10_000  # search.max_concurrent: more trials at once than the cores of a large cluster
+MAX_FAILURES = 100  # max_failures, retries of each failed trial: one that fails 100 times fails for good
+MAX_REDUCTION_FACTOR = 100  # ASHA keeps 1 in reduction_factor trials per rung: usually 2-4
 REPEAT_INDEX = "__trial_index__"  # Ray Tune's Repeater: the repeat of a sampled setting
 MAX_NAME = 64  # the sweep id, MLflow experiment and run names and storage folders derive from it
 SIZES = ("smoke", "quick")  # named sizes: a spec's top-level sections of overrides ("": as written)
@@ -283,11 +292,12 @@ def parse_spec(raw: Any, where: str, digest: str | None = None, size: str = "",
     _check_active(space, settings, fail)
     _check_applies(space, settings, fail)
     max_trials = _integer(raw, "max_trials", MAX_TRIALS, 1, fail)
+    _at_most("max_trials", max_trials, MAX_TRIALS_LIMIT, "a sweep that would never finish", fail)
     _check_size(search, settings, seeds, max_trials, fail)
     spec = SweepSpec(
         name=name, path=where, digest="", size=size, description=description, metric=metric,
         mode=mode, fixed=fixed, space=space, variants=variants, search=search, scheduler=scheduler,
-        seeds=seeds, resources=resources, max_failures=_integer(raw, "max_failures", 2, 0, fail),
+        seeds=seeds, resources=resources, max_failures=_max_failures(raw, fail),
         save_model=_flag(raw, "save_model", fail), max_trials=max_trials,
     )
     return dataclasses.replace(spec, digest=digest or _hash(spec.meaning()))
@@ -448,6 +458,8 @@ def _parse_scheduler(raw: dict, fixed: dict, fail) -> Scheduler:
             fail("scheduler.grace_period", f"expected an integer in [1, budget.epochs = {epochs}]")
         if not _is_number(scheduler.reduction_factor) or scheduler.reduction_factor <= 1:
             fail("scheduler.reduction_factor", "expected a number > 1")
+        _at_most("scheduler.reduction_factor", scheduler.reduction_factor, MAX_REDUCTION_FACTOR,
+                 "ASHA keeps 1 in reduction_factor trials at each rung", fail)
     return scheduler
 
 
@@ -455,6 +467,7 @@ def _parse_resources(raw: dict, fail) -> Resources:
     resources = _section(raw, "resources", Resources, fail)
     if not _is_number(resources.cpus) or resources.cpus <= 0:
         fail("resources.cpus", f"expected a number > 0, got {_show(resources.cpus)}")
+    _at_most("resources.cpus", resources.cpus, MAX_THREADS, "a trial's TensorFlow threads", fail)
     gpus = resources.gpus
     if not _is_number(gpus) or gpus < 0 or (gpus > 1 and gpus != int(gpus)):
         fail("resources.gpus", f"expected 0, a fraction below 1 or a whole number, got {_show(gpus)}")
@@ -469,6 +482,7 @@ def _check_search(search: Search, fail) -> None:
         value = getattr(search, name)
         if not is_int(value) or value < 1:
             fail(f"search.{name}", f"expected an integer >= 1, got {_show(value)}")
+    _at_most("search.max_concurrent", search.max_concurrent, MAX_CONCURRENT, "trials at once", fail)
     if not is_int(search.seed) or search.seed < 0:
         fail("search.seed", f"expected an integer >= 0, got {_show(search.seed)}")
     _check_value("seed", search.seed, "search.seed", fail)
@@ -649,16 +663,39 @@ def _check_active(space: tuple[Dimension, ...], settings: list[tuple], fail) -> 
 
 def _check_applies(space: tuple[Dimension, ...], settings: list[tuple], fail) -> None:
     """Every active entry applies wherever it is active (model.code_bits only for bottleneck, ...):
-    its key with the deciding keys' values, once per distinct combination."""
+    its key with the deciding keys' values, once per distinct combination. An entry of DATA_SIZE_KEYS
+    is checked against the data at each of its extremes, with those of the earlier such entries."""
     checked = set()
     for label, base, setting, _ in settings:
         selectors = {k: v for k, v in setting.items() if k in SELECTOR_KEYS}
+        sizes: list[Dimension] = []  # the active entries of DATA_SIZE_KEYS so far
         for dim in space:
-            if dim.active({**base, **setting}):
-                probe = {**selectors, dim.key: setting.get(dim.key, dim.values[0])}
+            if not dim.active({**base, **setting}):
+                continue
+            probes = [{dim.key: setting.get(dim.key, dim.values[0])}]
+            if dim.key in DATA_SIZE_KEYS:
+                sizes.append(dim)
+                keys = [d.key for d in sizes]
+                values = ([setting[d.key]] if d.key in setting else _extremes(d) for d in sizes)
+                probes = [dict(zip(keys, combination, strict=True))
+                          for combination in itertools.product(*values)]
+            for probe in probes:
+                probe = {**selectors, **probe}
                 if (label, _json(probe)) not in checked:
                     checked.add((label, _json(probe)))
                     _check_config({**base, **probe}, f"space.{dim.key}", fail)
+
+
+def _extremes(dim: Dimension) -> tuple:
+    """Where the data checks fail first (each grows or shrinks with every number): a range's ends and,
+    of integers, the one after its low end (data.train_size 0 is the whole set, 1 its smallest part);
+    a list's two lowest numbers and its highest; every name."""
+    if dim.distribution == "int":
+        return tuple(dict.fromkeys((dim.values[0], dim.values[0] + 1, dim.values[1])))
+    if not dim.discrete or not all(_is_number(value) for value in dim.values):
+        return dim.values
+    ordered = sorted(dim.values)
+    return tuple(dict.fromkeys((*ordered[:2], ordered[-1])))
 
 
 def _check_size(search: Search, settings: list[tuple], seeds: tuple, limit: int, fail) -> None:
@@ -732,6 +769,17 @@ def _integer(raw: dict, key: str, default: int, low: int, fail) -> int:
     if not is_int(value) or value < low:
         fail(key, f"expected an integer >= {low}, got {_show(value)}")
     return value
+
+
+def _max_failures(raw: dict, fail) -> int:
+    value = _integer(raw, "max_failures", 2, 0, fail)
+    _at_most("max_failures", value, MAX_FAILURES, "retries of each failed trial", fail)
+    return value
+
+
+def _at_most(field_name: str, value: float, maximum: int, what: str, fail) -> None:
+    if value > maximum:
+        fail(field_name, f"{_show(value)}, at most {maximum} ({what})")
 
 
 def _flag(raw: dict, key: str, fail) -> bool:

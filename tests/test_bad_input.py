@@ -170,6 +170,43 @@ CASES = {
     # sizes and names
     "million-point grid": (million_point_grid(), {}, "the grid has 1000000 trials"),
     "name of 65 characters": (spec_with(name="q" * 65), {}, "name: 65 characters, at most 64"),
+    # counts and sizes beyond their maximum or beyond the data (Fashion-MNIST: 54000 after validation)
+    "epochs without end": (replaced("budget.epochs: 6", "budget.epochs: 1000000000"), {},
+                           "fixed: budget.epochs = 1000000000: must be <= 10000"),
+    "train_size beyond the data": (
+        replaced("  budget.epochs: 6\n", "  budget.epochs: 6\n  data.train_size: 10000000\n"), {},
+        "fixed: data.train_size: 10000000 is more than the 54000 training images of fashion_mnist left "
+        "after the validation split (val_fraction 0.1)"),
+    "train_size beyond the digits": (
+        replaced("data.name: fashion_mnist", "data.name: digits\n  data.train_size: 1797"), {},
+        "fixed: data.train_size: 1797 is more than the 1294 training images of digits"),
+    "patience above its maximum": (
+        replaced("  budget.epochs: 6\n", "  budget.epochs: 6\n  budget.patience: 100000\n"), {},
+        "fixed: budget.patience = 100000: must be <= 10000"),
+    "batch above a small train_size": (
+        replaced("  budget.epochs: 6\n", "  budget.epochs: 6\n  data.train_size: 100\n"), {},
+        "fixed: budget.batch_size: 128 is more than the 100 training images a trial trains on "
+        "(data.train_size 100)"),
+    "width too large": (replaced("[[256, 128], [512]]", "[[256, 128], [1000000]]"), {},
+                        "space.model.widths: model.widths = [1000000]: each must be <= 65536"),
+    "too many layers": (replaced("[[256, 128], [512]]", f"[[256, 128], {[16] * 100}]"), {},
+                        "space.model.widths: model.widths: 100 layers, at most 64"),
+    "range beyond a bound": (
+        spec_with(**{"space/activation.p_ramp_steps": {"int": [0, 10**10]}}), {},
+        "space.activation.p_ramp_steps: activation.p_ramp_steps = 10000000000: must be <= 1000000000"),
+    "train_size range beyond the data": (
+        spec_with(**{"space/data.train_size": {"int": [1000, 60000]}}), {},
+        "space.data.train_size: data.train_size: 60000 is more than the 54000"),
+    "max_concurrent": (spec_with(**{"search/max_concurrent": 1_000_000}), {},
+                       "search.max_concurrent: 1000000, at most 10000 (trials at once)"),
+    "max_failures": (spec_with(max_failures=10**9), {},
+                     "max_failures: 1000000000, at most 100 (retries of each failed trial)"),
+    "reduction factor": (spec_with(**{"scheduler/reduction_factor": 10**6}), {},
+                         "scheduler.reduction_factor: 1000000, at most 100"),
+    "a trillion trials": (spec_with(max_trials=10**12, **{"search/samples": 10**12}), {},
+                          "max_trials: 1000000000000, at most 10000000"),
+    "cpus beyond a trial's threads": (spec_with(resources={"cpus": 100_000}), {},
+                                      "resources.cpus: 100000, at most 1024"),
     # tracking URIs of every form
     "bare path tracking uri": (None, {"MLFLOW_TRACKING_URI": "/srv/mlruns"},
                                "is a folder path (MLflow's retired file store): use a database file "
@@ -270,6 +307,15 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, store, tmp_pa
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert not ray_sessions_of(proc.pid, sessions) and not (tmp_path / "ray").exists()
     assert snapshot(tmp_path) == files  # nothing created, nothing changed
+
+
+@pytest.mark.parametrize("case", ["epochs without end", "train_size beyond the data"])
+def test_check_refuses_a_count_or_size_beyond_its_bound_in_one_line(case, tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(CASES[case][0])
+    proc = subprocess.run([sys.executable, "-m", "sweeps", "check", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == f"error: {path}: {CASES[case][2]}\n", proc.stderr
 
 
 def test_check_works_in_a_second_on_a_million_point_grid(tmp_path):

@@ -5,7 +5,16 @@ import sys
 
 import pytest
 
-from study.config import ConfigError, TrialConfig, check_value, flat_to_strings, parse_assignments
+from study import data
+from study.config import (
+    ConfigError,
+    DataConfig,
+    TrialConfig,
+    check_value,
+    flat_to_strings,
+    parse_assignments,
+    train_images,
+)
 
 
 def test_flat_round_trip():
@@ -46,6 +55,27 @@ def test_keys_that_do_not_apply_are_left_out_of_the_flat_form():
     ({"model.code_bits": 16}, "model.code_bits does not apply when model.arch = mlp"),
     ({"optim.momentum": 0.5}, "optim.momentum does not apply when optim.name = adam"),
     ({"activation.kind": "relu", "activation.p": 0.5}, "activation.p does not apply"),
+    # counts and sizes: a maximum each, or the data there is
+    ({"budget.epochs": 1_000_000_000}, "budget.epochs = 1000000000: must be <= 10000"),
+    ({"budget.patience": 10**6}, "budget.patience = 1000000: must be <= 10000"),
+    ({"model.widths": [256, 10**6]}, r"model.widths = \[256, 1000000\]: each must be <= 65536"),
+    ({"model.widths": [16] * 100}, "model.widths: 100 layers, at most 64"),
+    ({"model.arch": "cnn", "model.filters": [32, 10**6]}, "model.filters = .*: each must be <= 65536"),
+    ({"model.arch": "cnn", "model.filters": [8] * 65}, "model.filters: 65 layers, at most 64"),
+    ({"model.arch": "cnn", "model.dense_width": 10**6}, "model.dense_width = 1000000: must be <= 65536"),
+    ({"model.arch": "bottleneck", "model.code_bits": 10**6}, "model.code_bits = 1000000: must be <= 65536"),
+    ({"activation.p_ramp_steps": 10**12}, "activation.p_ramp_steps = 1000000000000: must be <= 1000000000"),
+    ({"runtime.threads": 10**5}, "runtime.threads = 100000: must be <= 1024"),
+    ({"data.train_size": 10_000_000}, r"data.train_size: 10000000 is more than the 54000 training images of "
+                                      r"fashion_mnist left after the validation split \(val_fraction 0.1\)"),
+    ({"data.name": "digits", "data.train_size": 1797}, "data.train_size: 1797 is more than the 1294 training "
+                                                       "images of digits"),
+    ({"data.train_size": 50_000, "data.val_fraction": 0.2}, r"more than the 48000 training images of "
+                                                            r"fashion_mnist .*\(val_fraction 0.2\)"),
+    ({"data.train_size": 100}, r"budget.batch_size: 128 is more than the 100 training images a trial "
+                               r"trains on \(data.train_size 100\)"),
+    ({"data.name": "synthetic", "budget.batch_size": 4096}, "budget.batch_size: 4096 is more than the 2700 "
+                                                            "training images of synthetic left after"),
 ])
 def test_bad_keys_and_values_raise_an_error_naming_the_key(flat, message):
     with pytest.raises(ConfigError, match=message):
@@ -122,3 +152,49 @@ def test_an_error_message_stays_on_one_line():
     with pytest.raises(ConfigError) as err:
         TrialConfig.from_flat({"model.a\nb\u2028c": 1})
     assert len(str(err.value).splitlines()) == 1 and "model.a\\nb\\u2028c: unknown key" in str(err.value)
+
+
+# (a config exactly at a bound, the key one past it, the message then)
+AT_THE_BOUND = [
+    ({"budget.epochs": 10_000}, "budget.epochs", "must be <= 10000"),
+    ({"budget.patience": 10_000}, "budget.patience", "must be <= 10000"),
+    ({"model.widths": [65_536]}, "model.widths", "each must be <= 65536"),
+    ({"model.widths": [8] * 64}, "model.widths", "65 layers, at most 64"),
+    ({"model.arch": "cnn", "model.filters": [65_536]}, "model.filters", "each must be <= 65536"),
+    ({"model.arch": "cnn", "model.dense_width": 65_536}, "model.dense_width", "must be <= 65536"),
+    ({"model.arch": "bottleneck", "model.code_bits": 65_536}, "model.code_bits", "must be <= 65536"),
+    ({"activation.p_ramp_steps": 10**9}, "activation.p_ramp_steps", "must be <= 1000000000"),
+    ({"runtime.threads": 1024}, "runtime.threads", "must be <= 1024"),
+    ({"data.train_size": 54_000}, "data.train_size", "is more than the 54000 training images"),
+    ({"data.name": "digits", "data.train_size": 1294}, "data.train_size", "more than the 1294"),
+    ({"data.name": "synthetic", "data.val_fraction": 0.5, "data.train_size": 1500}, "data.train_size",
+     r"more than the 1500 training images of synthetic left after the validation split \(val_fraction 0.5\)"),
+    ({"data.train_size": 100, "budget.batch_size": 100}, "budget.batch_size", "more than the 100"),
+    ({"data.name": "digits", "budget.batch_size": 1294}, "budget.batch_size",
+     "1295 is more than the 1294 training images of digits"),
+]
+
+
+@pytest.mark.parametrize("flat,key,message", AT_THE_BOUND)
+def test_a_count_or_size_at_its_bound_is_accepted_and_one_more_refused(flat, key, message):
+    config = TrialConfig.from_flat(flat)
+    value = flat[key]
+    longer = [*value, value[-1]] if key == "model.widths" and len(value) > 1 else None
+    past = longer or ([value[0] + 1] if isinstance(value, list) else value + 1)
+    with pytest.raises(ConfigError, match=f"^{key}.*{message}"):
+        config.replace(**{key: past})
+
+
+@pytest.mark.parametrize("name,val_fraction", [("fashion_mnist", 0.1), ("digits", 0.15), ("synthetic", 0.5)])
+def test_the_sizes_checked_are_those_the_data_has(name, val_fraction):
+    """The training images available are known without loading the data: the same as loaded."""
+    config = DataConfig(name=name, val_fraction=val_fraction)
+    assert len(data.load(config).x_train) == train_images(config)
+
+
+def test_the_command_line_refuses_a_train_size_beyond_the_data_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "study", "train", "--set", "data.train_size=10000000"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: data.train_size: 10000000 is more than the 54000 training")
+    assert list(tmp_path.iterdir()) == []

@@ -45,6 +45,11 @@ def with_entry(line: str) -> str:
     return GOOD.replace("  model.arch:", f"  {line}\n  model.arch:")
 
 
+def with_fixed(settings: str, text: str = GOOD) -> str:
+    """`text` (GOOD) with more fixed settings, e.g. "data.train_size: 100"."""
+    return text.replace("budget.epochs: 3}", f"budget.epochs: 3, {settings}}}")
+
+
 BAD = {
     "malformed yaml": ("name: t\nspace: {activation.p: [0, 1\n", "not valid YAML at line"),
     "not a mapping": ("- a\n- b\n", "a spec is a mapping"),
@@ -198,6 +203,54 @@ BAD = {
                              "space.model.code_bits: model.code_bits = [16]: expected an integer"),
     "1 and 1.0 repeat": (with_entry("activation.cutoff: {choice: [1, 1.0]}"),
                          "space.activation.cutoff.choice: the values repeat"),
+    # counts and sizes: a maximum each, or the data there is (synthetic: 2700 images after validation)
+    "epochs without end": (edited(**{"fixed/budget.epochs": 1_000_000_000}),
+                           "fixed: budget.epochs = 1000000000: must be <= 10000"),
+    "a patience range above its maximum": (
+        with_entry("budget.patience: {int: [0, 100000]}"),
+        "space.budget.patience: budget.patience = 100000: must be <= 10000"),
+    "a width too large": (with_entry("model.widths: {choice: [[64], [64, 1000000]]}"),
+                          "space.model.widths: model.widths = [64, 1000000]: each must be <= 65536"),
+    "a code too long": (GOOD.replace("choice: [8, 16]", "choice: [8, 100000]"),
+                        "space.model.code_bits: model.code_bits = 100000: must be <= 65536"),
+    "train_size beyond the data": (with_fixed("data.train_size: 10000"),
+                                   "fixed: data.train_size: 10000 is more than the 2700 training images of "
+                                   "synthetic left after the validation split (val_fraction 0.1)"),
+    "train_size beyond the digits": (
+        GOOD.replace("data.name: synthetic", "data.name: digits, data.train_size: 1797"),
+        "fixed: data.train_size: 1797 is more than the 1294 training images of digits"),
+    "a train_size range beyond the data": (
+        with_entry("data.train_size: {int: [200, 5000]}"),
+        "space.data.train_size: data.train_size: 5000 is more than the 2700"),
+    "a validation split that leaves too few": (
+        with_fixed("data.train_size: 2000", with_entry("data.val_fraction: {uniform: [0.1, 0.5]}")),
+        "space.data.val_fraction: data.train_size: 2000 is more than the 1500 training images of synthetic "
+        "left after the validation split (val_fraction 0.5)"),
+    "a batch above a small train_size": (with_fixed("data.train_size: 100"),
+                                         "fixed: budget.batch_size: 128 is more than the 100 training images "
+                                         "a trial trains on (data.train_size 100)"),
+    "a train_size range from 0 below the batch": (
+        with_entry("data.train_size: {int: [0, 2000]}"),
+        "space.data.train_size: budget.batch_size: 128 is more than the 1 training images a trial trains on"),
+    "a batch choice above the data": (with_entry("budget.batch_size: {choice: [64, 4096]}"),
+                                      "space.budget.batch_size: budget.batch_size: 4096 is more than the "
+                                      "2700 training images of synthetic"),
+    "a batch choice above a searched train_size": (
+        with_entry("data.train_size: {choice: [500, 2000]}\n  budget.batch_size: {choice: [256, 1024]}"),
+        "space.budget.batch_size: budget.batch_size: 1024 is more than the 500 training images a trial "
+        "trains on (data.train_size 500)"),
+    "a variant beyond the data": (
+        edited(**{"search/algorithm": "grid", "space": {"activation.p": {"grid": [0.5]}},
+                  "variants": {"digits": {"data.name": "digits", "data.train_size": 1500}}}),
+        "variants.digits: data.train_size: 1500 is more than the 1294"),
+    "max_concurrent": (edited(**{"search/max_concurrent": 100_000}),
+                       "search.max_concurrent: 100000, at most 10000 (trials at once)"),
+    "max_failures": (edited(max_failures=10**9), "max_failures: 1000000000, at most 100"),
+    "reduction_factor": (edited(scheduler={"name": "asha", "reduction_factor": 1e6}),
+                         "scheduler.reduction_factor: 1000000.0, at most 100"),
+    "a trillion trials": (edited(max_trials=10**12, **{"search/samples": 10**12}),
+                          "max_trials: 1000000000000, at most 10000000"),
+    "cpus beyond a trial's threads": (edited(resources={"cpus": 5000}), "resources.cpus: 5000, at most 1024"),
 }
 
 
@@ -209,6 +262,58 @@ def test_bad_spec_is_refused_with_one_line_naming_the_field(kind, tmp_path):
         load_spec(path)
     assert message in str(err.value)
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+# (changes to GOOD exactly at a bound, the same one past it, the message then)
+AT_THE_BOUND = {
+    "epochs": ({"fixed/budget.epochs": 10_000}, {"fixed/budget.epochs": 10_001},
+               "fixed: budget.epochs = 10001: must be <= 10000"),
+    "an int range's high end": ({"space/activation.p_ramp_steps": {"int": [0, 10**9]}},
+                                {"space/activation.p_ramp_steps": {"int": [0, 10**9 + 1]}},
+                                "space.activation.p_ramp_steps: activation.p_ramp_steps = 1000000001: "
+                                "must be <= 1000000000"),
+    "the whole synthetic set": ({"fixed/data.train_size": 2700}, {"fixed/data.train_size": 2701},
+                                "fixed: data.train_size: 2701 is more than the 2700 training images"),
+    "a train_size range under a larger validation split": (
+        {"fixed/data.val_fraction": 0.5, "space/data.train_size": {"int": [128, 1500]}},
+        {"fixed/data.val_fraction": 0.5, "space/data.train_size": {"int": [128, 1501]}},
+        "space.data.train_size: data.train_size: 1501 is more than the 1500 training images of synthetic "
+        "left after the validation split (val_fraction 0.5)"),
+    "a batch of the whole train_size": ({"fixed/data.train_size": 100, "fixed/budget.batch_size": 100},
+                                        {"fixed/data.train_size": 100, "fixed/budget.batch_size": 101},
+                                        "fixed: budget.batch_size: 101 is more than the 100 training images"),
+    "a searched batch and train_size": (  # edit_spec sorts the keys: budget.batch_size comes first
+        {"space/data.train_size": {"choice": [500, 2000]}, "space/budget.batch_size": {"choice": [64, 500]}},
+        {"space/data.train_size": {"choice": [500, 2000]}, "space/budget.batch_size": {"choice": [64, 501]}},
+        "space.data.train_size: budget.batch_size: 501 is more than the 500 training images a trial "
+        "trains on"),
+    "max_concurrent": ({"search/max_concurrent": 10_000}, {"search/max_concurrent": 10_001},
+                       "search.max_concurrent: 10001, at most 10000"),
+    "max_failures": ({"max_failures": 100}, {"max_failures": 101}, "max_failures: 101, at most 100"),
+    "reduction_factor": ({"scheduler/reduction_factor": 100}, {"scheduler/reduction_factor": 100.5},
+                         "scheduler.reduction_factor: 100.5, at most 100"),
+    "max_trials": ({"max_trials": 10**7}, {"max_trials": 10**7 + 1},
+                   "max_trials: 10000001, at most 10000000"),
+    "cpus": ({"resources/cpus": 1024}, {"resources/cpus": 1024.5}, "resources.cpus: 1024.5, at most 1024"),
+}
+
+
+@pytest.mark.parametrize("kind", AT_THE_BOUND)
+def test_a_count_or_size_at_its_bound_is_valid_and_one_past_it_refused(kind, tmp_path):
+    at, past, message = AT_THE_BOUND[kind]
+    spec = load_spec(write(tmp_path, edited(**at), "at.yaml"))
+    assert spec.trial_config({}).runtime.threads == max(1, int(spec.resources.cpus))  # the trials build
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, edited(**past), "past.yaml"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_size_is_held_to_the_data_of_its_own_settings(tmp_path):
+    path = write(tmp_path, GOOD + "quick: {fixed: {data.name: digits, data.train_size: 2000}}\n")
+    assert load_spec(path).fixed == {"data.name": "synthetic", "budget.epochs": 3}
+    with pytest.raises(SpecError, match="fixed: data.train_size: 2000 is more than the 1294 training "
+                                        "images of digits"):
+        load_spec(path, size="quick")
 
 
 def test_missing_spec_file(tmp_path):
