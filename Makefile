@@ -22,8 +22,10 @@ GIT_DIRTY = $(shell test -z "$$(git status --porcelain 2>/dev/null)" && echo fal
 AWS_SETTINGS := AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_REGION AWS_DEFAULT_REGION
 comma := ,
 JOB_AWS = $(foreach v,$(AWS_SETTINGS),$(if $($(v)),"$(v)": "$($(v))"$(comma)))
+# RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's
+# default 3); the driver closes its record and leaves within STUDY_STOP_GRACE_S (10) + ~5 s.
 JOB_ENV = {"env_vars": {$(JOB_AWS)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \
-  "OPTUNA_STORAGE": "$(OPTUNA_STORAGE)", "PGPASSFILE": "$(PGPASSFILE)", \
+  "OPTUNA_STORAGE": "$(OPTUNA_STORAGE)", "PGPASSFILE": "$(PGPASSFILE)", "RAY_JOB_STOP_WAIT_TIME_S": "30", \
   "STUDY_GIT_COMMIT": "$(GIT_COMMIT)", "STUDY_GIT_DIRTY": "$(GIT_DIRTY)"}, \
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
 
@@ -42,6 +44,10 @@ $(error SMOKE=1 means SIZE=smoke, not SIZE=$(SIZE): give one of them)
 endif
 endif
 SIZE_ARG := $(if $(filter-out full,$(SIZE)),--size $(SIZE))
+# TIME_LIMIT=4h (any `timeout` duration): the sweep stops itself then, as on SIGTERM (its record
+# closed KILLED, resumable by the same command; exit status 124), wherever it runs.
+TIME_LIMIT ?=
+LIMIT := $(if $(TIME_LIMIT),timeout --signal=TERM --kill-after=60 $(TIME_LIMIT))
 
 NOTEBOOKS := $(wildcard analysis/notebooks/*.py)
 
@@ -112,15 +118,17 @@ lint: setup ## ruff
 train: setup data ## One trial: make train ARGS="--set activation.p=0.5 --set model.arch=cnn"
 	$(PY) -m study train $(ARGS)
 
-sweep: setup data ## Run or resume a sweep [SPEC=...] [SIZE=full|quick|smoke] [RAY_ADDRESS=http://head:8265] [MLFLOW_TRACKING_URI=...] [STORAGE=...]
+sweep: setup data ## Run or resume a sweep [SPEC=...] [SIZE=full|quick|smoke] [TIME_LIMIT=4h] [RAY_ADDRESS=http://head:8265] [MLFLOW_TRACKING_URI=...] [STORAGE=...]
+	@test -z "$(TIME_LIMIT)" || [[ "$(TIME_LIMIT)" =~ ^[0-9]+(\.[0-9]+)?[smhd]?$$ ]] || { echo "error: \
+	  TIME_LIMIT=$(TIME_LIMIT): expected a duration such as 3600 (seconds), 90m, 4h or 2d"; exit 2; }
 	$(PY) -m sweeps check --reachable $(SIZE_ARG) $(SPEC)
 ifdef RAY_ADDRESS
 	@test -n "$(MLFLOW_TRACKING_URI)" || { echo "error: a cluster sweep needs MLFLOW_TRACKING_URI (a tracking server)"; exit 2; }
 	@test -n "$(STORAGE)" || { echo "error: a cluster sweep needs STORAGE (a shared path or s3://...)"; exit 2; }
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(VENV)/bin/ray job submit --address "$(RAY_ADDRESS)" --working-dir . \
-	  --runtime-env-json '$(JOB_ENV)' -- python -m sweeps run $(SIZE_ARG) $(SPEC)
+	  --runtime-env-json '$(JOB_ENV)' -- $(LIMIT) python -m sweeps run $(SIZE_ARG) $(SPEC)
 else
-	$(PY) -m sweeps run $(SIZE_ARG) $(SPEC)
+	$(LIMIT) $(PY) -m sweeps run $(SIZE_ARG) $(SPEC)
 endif
 
 paper-sweeps: setup data ## Run the paper's sweeps (SIZE=full|quick|smoke) into the tracking store; at full size each spec's runs are exported (paper/runs/EXPERIMENT) as its sweep ends

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps import interrupt, launch  # Ray is imported only for a valid spec
 
     try:
-        results = launch.run(specs[0], launch.Settings.from_env())
+        results = launch.run(specs[0], launch.Settings.from_env(), resume_command(args))
     except launch.Interrupted as err:
         print(f"{err} ({resume_command(args)})", file=sys.stderr)
         return interrupt.exit_status()
@@ -139,8 +139,8 @@ def summary(results, spec) -> str:
 
 
 def exit_at_once(code: int) -> None:
-    """End the process when `main` is done: Ray shut down (as its own atexit handler would, less
-    the wait for the monitor: `launch.stop_ray`), logs and output flushed, then `os._exit`, without
+    """End the process when `main` is done: Ray shut down (as its own atexit handler would, at
+    once for a local cluster: `launch.stop_ray`), logs and output flushed, then `os._exit`, without
     the interpreter's finalization of Ray, MLflow, SQLAlchemy and pandas (~1.1 s after a sweep on
     2 cores). Nothing is left to write by then: the record is closed, the tracker flushed, Ray
     Tune's state synced, every database write committed."""

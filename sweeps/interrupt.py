@@ -1,35 +1,147 @@
-"""SIGINT (Ctrl-C) and SIGTERM during a sweep: both take Ray Tune's graceful stop, and the driver
-remembers which signal came so that it closes the record as KILLED and exits 128 + signal.
+"""Stop signals during a sweep, handled in one place: SIGINT (Ctrl-C), SIGTERM (`kill`, `timeout`,
+systemd, a scheduler's cancel, `ray job stop`), SIGHUP (the terminal or SSH session closed) and
+SIGQUIT (Ctrl-\\), to the driver alone or to its whole process group.
 
-Before Ray Tune runs, either signal raises KeyboardInterrupt. While it runs, Ray Tune's own SIGINT
-handler stops the experiment after a last snapshot (a second Ctrl-C then interrupts at once);
-`sweeps.runner.Catch` wraps that handler on the loop's first step and routes SIGTERM through it too.
+- Before the record is open, any of them raises KeyboardInterrupt: nothing was written.
+- The first SIGINT, SIGTERM or SIGHUP while the sweep runs takes Ray Tune's graceful stop (a last
+  experiment snapshot; the trials that were running are closed KILLED and continue on resume) and
+  arms a deadline: if the driver has not closed its record `GRACE_S` seconds later, it is closed at
+  once (below).
+- A second signal of any kind, SIGQUIT, or the deadline stops at once: the record is closed
+  without Ray (every run of the sweep still RUNNING is closed KILLED with the tags its metric
+  history gives), the local Ray cluster is killed, and the driver exits. The same signal repeated
+  within `REPEAT_S` is the same request: `timeout` and some schedulers signal the process and then
+  its group.
+- The exit status is 128 + the first signal.
+
+The local Ray cluster a sweep starts never sees these signals (`sweeps.launch.start_ray` blocks
+them in its processes, as Ray itself blocks SIGINT), so it outlives a signal to the group until the
+driver has closed the record. A SIGHUP with standard output on a terminal means that terminal is
+gone: output is sent to /dev/null from then on, so writing to it cannot fail mid-close.
 Imports nothing heavy: the handlers are installed before the sweep's checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+GRACE_S = float(os.environ.get("STUDY_STOP_GRACE_S", 10))
+REPEAT_S = 1.0
+HARD_CAP_S = 20.0  # the at-once close itself, against a tracking store that does not answer
 
 received: int | None = None
+_first_at = 0.0
+_graceful: Callable[[], None] | None = None  # Ray Tune's stop, while its loop runs
+_at_once: Callable[[], str] | None = None  # closes the record without Ray; its last line
+_stopping = threading.Lock()
+_resume = ""  # the command that resumes the sweep, for the last line
 
 
-def remember(signum: int) -> None:
-    """Keep the first signal received."""
-    global received
-    received = received or signum
+def install(resume: str = "") -> None:
+    """The handlers for every stop signal (again after Ray Tune's loop, which replaces SIGINT's);
+    `resume` is the command to name in the last line of a stop at once."""
+    global _resume
+    _resume = resume or _resume
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
-def raise_interrupt(signum, frame) -> None:
-    """The handler before Ray Tune runs: remember the signal, raise KeyboardInterrupt."""
-    remember(signum)
-    raise KeyboardInterrupt
+def while_running(graceful: Callable[[], None] | None) -> None:
+    """What the first signal does from now: `graceful()` (Ray Tune's stop), or, with None,
+    raise KeyboardInterrupt where the driver is."""
+    global _graceful
+    _graceful = graceful
 
 
-def install() -> None:
-    """Before Ray Tune starts: SIGINT and SIGTERM raise KeyboardInterrupt (and are remembered)."""
-    signal.signal(signal.SIGINT, raise_interrupt)
-    signal.signal(signal.SIGTERM, raise_interrupt)
+def on_stop_at_once(close: Callable[[], str] | None) -> None:
+    """Once the record is open: `close()` closes it without Ray and returns the line to print."""
+    global _at_once
+    _at_once = close
+
+
+def handler(signum, frame) -> None:
+    global received, _first_at
+    now = time.monotonic()
+    if signum == signal.SIGHUP:
+        detach_terminal()
+    if received is None:
+        received, _first_at = signum, now
+        if _at_once is not None:
+            deadline = threading.Timer(GRACE_S, stop_at_once, args=(f"{GRACE_S:g} s passed",))
+            deadline.daemon = True
+            deadline.start()
+        if signum == signal.SIGQUIT and _at_once is not None:
+            stop_at_once("SIGQUIT")
+        elif _graceful is not None:
+            _graceful()
+        else:
+            raise KeyboardInterrupt
+        return
+    if signum == received and now - _first_at < REPEAT_S:
+        return
+    if _at_once is not None:
+        stop_at_once(f"a second signal ({signal.Signals(signum).name})")
+    else:
+        raise KeyboardInterrupt
+
+
+def stop_at_once(why: str) -> None:
+    """Close the record without Ray on a thread of its own (never in the signal handler: the
+    main thread may hold any lock), then end the process with `exit_status()`."""
+    if _stopping.acquire(blocking=False):
+        threading.Thread(target=_close_and_exit, args=(why,), name="stop-at-once").start()
+
+
+def _close_and_exit(why: str) -> None:
+    cap = threading.Timer(HARD_CAP_S, os._exit, args=(exit_status(),))
+    cap.daemon = True
+    cap.start()
+    line = f"interrupted by {name()}: stopped at once ({why})"
+    try:
+        line = f"{line}: {_at_once()}" if _at_once is not None else line
+    except Exception as err:  # the store did not answer: say so, leave anyway
+        line = (f"{line}, but the record could not be closed ({str(err).splitlines()[0][:200]}); "
+                "`python -m sweeps status --repair` closes it")
+    say(f"{line} ({_resume})" if _resume else line)
+    kill_ray = getattr(sys.modules.get("sweeps.launch"), "kill_local_ray", None)
+    if kill_ray is not None:
+        kill_ray()
+    os._exit(exit_status())
+
+
+def say(line: str) -> None:
+    """Print a last line to stderr, where a closed terminal does not fail it."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def detach_terminal() -> None:
+    """Standard output and error that are a terminal go to /dev/null (the terminal hung up). A hung
+    up terminal no longer answers `isatty`, so any character device but /dev/null counts."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        with contextlib.suppress(OSError, ValueError):
+            mode = os.fstat(fd)
+            if stat.S_ISCHR(mode.st_mode) and mode.st_rdev != os.fstat(null).st_rdev:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+                os.dup2(null, fd)
+    os.close(null)
+
+
+def time_left() -> float:
+    """Seconds until the first signal's deadline (infinite before any signal)."""
+    if received is None:
+        return float("inf")
+    return GRACE_S - (time.monotonic() - _first_at)
 
 
 def exit_status() -> int:
@@ -38,13 +150,3 @@ def exit_status() -> int:
 
 def name() -> str:
     return signal.Signals(received or signal.SIGINT).name
-
-
-def __getattr__(name: str):
-    """`Catch` lived here until 2026-11-27: the saved Tuner of a sweep interrupted before then
-    names it so, and resuming it looks it up here."""
-    if name == "Catch":
-        from sweeps.runner import Catch
-
-        return Catch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import ray
-from ray._private import ray_constants
 
 from study.config import TrialConfig
 from study.data import DatasetError, load
@@ -79,12 +80,13 @@ class Interrupted(SweepError):
 recording = False  # whether this driver has begun writing to the tracking store
 
 
-def run(spec: SweepSpec, settings: Settings):
+def run(spec: SweepSpec, settings: Settings, resume: str = ""):
     """Run (or resume) the sweep to the end and close its MLflow runs; Ray Tune's ResultGrid. The
     data, the tracking store, the storage, the Ray cluster and its room for one trial are checked,
-    and the sweep's driver lock taken, before anything is started or written."""
+    and the sweep's driver lock taken, before anything is started or written. `resume` is the
+    command that resumes it, named when a stop signal ends the driver at once."""
     global recording
-    interrupt.install()
+    interrupt.install(resume)
     try:
         dataset = load(TrialConfig.from_flat(spec.fixed).data)
     except DatasetError as err:
@@ -131,7 +133,10 @@ _started_here = False
 
 def start_ray() -> float | None:
     """Start a local Ray cluster, or connect to the one at RAY_ADDRESS; the seconds it took (None
-    when Ray was already initialised)."""
+    when Ray was already initialised). A local cluster's processes start with the stop signals
+    blocked (Ray blocks SIGINT in them itself; the mask is inherited by every process they start,
+    trial workers included), so a signal to the driver's process group leaves them running until
+    the driver has closed its record and stops them (`stop_ray`)."""
     global _started_here
     if ray.is_initialized():
         return None
@@ -141,8 +146,12 @@ def start_ray() -> float | None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1", configure_logging=False)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, interrupt.STOP_SIGNALS)
+            try:
+                ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1", configure_logging=False)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _started_here = True
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "
@@ -151,12 +160,52 @@ def start_ray() -> float | None:
 
 
 def stop_ray() -> None:
-    """`ray.shutdown()`, less the second it waits for a local cluster's autoscaler monitor to
-    ignore SIGTERM before it SIGKILLs it: the monitor is killed first (it keeps nothing; a local
-    cluster of fixed size has nothing to scale). Reaches into `ray._private` (Ray 2.60) for it."""
-    node = ray._private.worker._global_node
-    if _started_here and node is not None:
-        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
-            info.process.kill()
-            info.process.wait()
+    """`ray.shutdown()`. The processes of a local cluster started here ignore SIGTERM (it is
+    blocked in them), so Ray's shutdown, which sends SIGTERM and waits a second for each before
+    SIGKILL, SIGKILLs them at once instead, and then their descendants (the dashboard and runtime
+    env agents the raylet started) are killed: they keep nothing, the record is closed by then."""
+    if not _started_here or ray._private.worker._global_node is None:
+        ray.shutdown()
+        return
+    node, processes = _local_processes()
+    kill = node.kill_all_processes
+    node.kill_all_processes = lambda **how: kill(**{**how, "allow_graceful": False})
     ray.shutdown()
+    _kill(processes)
+
+
+def kill_local_ray() -> None:
+    """SIGKILL the local cluster started here and everything it started, without `ray.shutdown`
+    (which would wait on a driver that is stopping at once)."""
+    if _started_here and ray._private.worker._global_node is not None:
+        _kill(_local_processes()[1])
+
+
+def _local_processes() -> tuple:
+    """Ray's node of the local cluster (`ray._private.worker._global_node`: its `all_processes`
+    and `kill_all_processes`, as in Ray 2.60) and every process of it, descendants included."""
+    node = ray._private.worker._global_node
+    processes = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(info.process.pid)
+                processes += [root, *root.children(recursive=True)]
+    return node, processes
+
+
+def _kill(processes: list, timeout_s: float = 5.0) -> None:
+    """SIGKILL, then wait until each is gone or a zombie (not ours to reap)."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and any(_alive(p) for p in processes):
+        time.sleep(0.02)
+
+
+def _alive(process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -53,6 +53,7 @@ def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float 
           f"{f', {stale} stale runs closed' if stale else ''}; storage {path}; MLflow "
           f"{settings.tracking_uri} experiment {spec.experiment!r}", flush=True)
     status, failure = "FAILED", None
+    interrupt.on_stop_at_once(lambda: close_at_once(client, exp_id, spec, parent))
     try:
         if resumed:
             tuner = tune.Tuner.restore(path, trainable=_trainable(spec, dataset),
@@ -61,7 +62,11 @@ def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float 
             tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags,
                                              tracking.DatasetRecord.of(dataset))
             tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec), Catch()])
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        finally:
+            interrupt.while_running(None)
+            interrupt.install()  # Ray Tune put back the SIGINT handler it found
         status = "KILLED" if interrupt.received else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -69,7 +74,14 @@ def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float 
         failure = error_line(str(err))
         raise
     finally:
-        left = _close_record(client, exp_id, spec, parent, status, failure)
+        try:
+            left = _close_record(client, exp_id, spec, parent, status, failure)
+        except Exception as err:  # the store went away: a stop says so, a crash shows it
+            if not interrupt.received:
+                raise
+            left = (f", but the record could not be closed ({error_line(str(err))}): "
+                    "`python -m sweeps status --repair` closes it")
+        interrupt.on_stop_at_once(None)
     if interrupt.received or status == "KILLED":
         killed = len([r for r in tracking.find_runs(client, exp_id, {
             "sweep.id": spec.sweep_id, "sweep.role": "trial"}) if r.info.status == "KILLED"])
@@ -83,20 +95,49 @@ def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float 
 def _close_record(client, exp_id: str, spec: SweepSpec, parent: str, status: str,
                   failure: str | None) -> str:
     """Flush the tracker, close runs left RUNNING as KILLED, close the parent; returns ", but
-    MLflow did not record: ..." when writes were left over."""
+    MLflow did not record: ..." when writes were left over. After a stop signal the flush waits
+    only until shortly before the signal's deadline (`interrupt.GRACE_S`), and what it could not
+    write is given up so that the runs are still closed (with the tags their history gives)."""
     tracker = tracking.active_tracker()
     left = tracker.left if tracker is not None else []
     if tracker is not None and not left:
-        left = tracker.writer.flush(float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600)))
+        left = tracker.writer.flush(flush_deadline())
+    note = (f", but MLflow at {tracker.tracking_uri} did not record {len(left)} writes "
+            f"({tracking.describe_left(left)})" if left else "")
+    if left and not interrupt.received:
+        return note
     if left:
-        return (f", but MLflow at {tracker.tracking_uri} did not record "
-                f"{len(left)} writes ({tracking.describe_left(left)})")
+        tracker.writer.stop()
     if tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial"):
         status = "KILLED" if status == "FINISHED" else status
     if failure:
         client.set_tag(parent, "sweep.failure", failure)
     client.set_terminated(parent, status=status)
-    return ""
+    return note
+
+
+def flush_deadline() -> float:
+    """How long the last flush of MLflow writes may wait: STUDY_MLFLOW_FLUSH_S (600 s), or after a
+    stop signal what is left of its deadline, less the time closing the runs takes."""
+    full = float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600))
+    return min(full, max(0.0, interrupt.time_left() - 3.0))
+
+
+def close_at_once(client, exp_id: str, spec: SweepSpec, parent: str) -> str:
+    """The record closed without Ray (a second signal, SIGQUIT, or a graceful stop past its
+    deadline): the MLflow writer given up, every run of the sweep still RUNNING closed KILLED with
+    the tags its history gives; the end of the driver's last line."""
+    tracker = tracking.active_tracker()
+    left = []
+    if tracker is not None:
+        tracker.writer.stop()
+        tracker.writer.thread.join(timeout=2.0)
+        left = [what for what, _ in tracker.writer.queue]
+    closed = tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial")
+    client.set_terminated(parent, status="KILLED")
+    note = (f", without {len(left)} MLflow writes ({tracking.describe_left(left)})" if left else "")
+    return (f"the sweep and {closed} trial runs still open are marked KILLED{note}; run the same "
+            "command to resume")
 
 
 def close_other_sweeps(client, exp_id: str, spec: SweepSpec, storage: str) -> list[str]:
@@ -260,8 +301,8 @@ class Progress(tune.Callback):
 
 
 class Catch(tune.Callback):
-    """Wraps Ray Tune's SIGINT handler (installed when its loop starts) so that the signal is
-    remembered (`interrupt`), and sends SIGTERM the same way."""
+    """Once Ray Tune's loop runs, the first stop signal takes Ray Tune's graceful stop: its SIGINT
+    handler (installed when its loop starts), called by `interrupt` for any stop signal."""
 
     def __init__(self):
         self.installed = False
@@ -277,13 +318,7 @@ class Catch(tune.Callback):
             return
         self.installed = True
         tune_handler = signal.getsignal(signal.SIGINT)
-        if not callable(tune_handler) or tune_handler is interrupt.raise_interrupt:
+        if not callable(tune_handler) or tune_handler is interrupt.handler:
             return  # Ray Tune did not install one (not the main thread, or disabled)
-
-        def stop(signum, frame):
-            interrupt.remember(signum)
-            signal.signal(signal.SIGTERM, interrupt.raise_interrupt)  # a second one: at once
-            tune_handler(signal.SIGINT, frame)
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
+        interrupt.while_running(lambda: tune_handler(signal.SIGINT, None))
+        interrupt.install()

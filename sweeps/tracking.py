@@ -114,12 +114,24 @@ def every_run(client: MlflowClient, exp_id: str, query: str = "", page: int = 10
 
 def close_stale_runs(client: MlflowClient, exp_id: str, sweep_id: str, role: str = "") -> int:
     """Runs of this sweep (of one role: parent or trial) left RUNNING by a driver that died or was
-    stopped: KILLED, to be reopened by a resume. Returns how many there were."""
+    stopped at once: KILLED, with the tags an interruption gives a trial (`interrupted_tags`), to
+    be reopened by a resume. Returns how many there were."""
     tags = {"sweep.id": sweep_id, **({"sweep.role": role} if role else {})}
     stale = [r for r in find_runs(client, exp_id, tags) if r.info.status == "RUNNING"]
     for run in stale:
+        if run.data.tags.get("sweep.role") == "trial":
+            epochs = len({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in
+                                                    interrupted_tags(epochs).items()])
         client.set_terminated(run.info.run_id, status="KILLED")
     return len(stale)
+
+
+def interrupted_tags(epochs: int) -> dict[str, str]:
+    """The closing tags of a trial cut short by an interruption after `epochs` epochs (its run is
+    KILLED, and a resume continues it)."""
+    return {"trial.epochs": str(epochs), "trial.ended": "interrupted", "trial.closed": "false",
+            "trial.stopped_early": "false"}
 
 
 def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[str, str]) -> str:
@@ -449,9 +461,9 @@ class MlflowTracker(tune.Callback):
             status = "FINISHED"
         self._load_summary()
         self.summary.ended[trial_id] = ended
-        tags = {"trial.epochs": str(epochs), "trial.ended": ended,
-                "trial.closed": str(status != "KILLED").lower(),
-                "trial.stopped_early": str(ended == "scheduler").lower()}
+        tags = interrupted_tags(epochs) if interrupted else {
+            "trial.epochs": str(epochs), "trial.ended": ended, "trial.closed": "true",
+            "trial.stopped_early": str(ended == "scheduler").lower()}
         if error:
             tags["trial.failure"] = error
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])

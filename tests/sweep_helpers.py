@@ -174,3 +174,30 @@ def edit_spec(text: str, **changes) -> str:
         else:
             node[last] = value
     return yaml.safe_dump(spec)
+
+
+def trial_runs(env, spec):
+    return [r for r in runs(env, spec.experiment) if r.data.tags.get("sweep.role") == "trial"]
+
+
+def assert_tags_match_history(env, spec, artifacts: bool = True):
+    """Every trial run's tags say what its history holds, whatever its status (and it holds its
+    config and learning curves, unless the record was closed without Ray: `artifacts=False`)."""
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for run in trial_runs(env, spec):
+        tags, epochs = run.data.tags, steps(env, run)
+        assert epochs == list(range(1, len(epochs) + 1))
+        assert tags["trial.epochs"] == str(len(epochs)), (tags, epochs)
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.json", "history.json"} <= names or not artifacts
+        if run.info.status == "KILLED":
+            assert tags["trial.ended"] == "interrupted" and tags["trial.stopped_early"] == "false"
+            assert tags["trial.closed"] == "false"
+        else:
+            assert run.info.status == "FINISHED" and tags["trial.ended"] == "budget", tags
+            assert len(epochs) == spec.epochs and tags["trial.stopped_early"] == "false"
+            assert "test/accuracy_binary" in run.data.metrics
+
+
+def epochs_logged(env, spec) -> int:
+    return sum(len(steps(env, r)) for r in trial_runs(env, spec))

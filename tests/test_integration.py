@@ -65,8 +65,8 @@ def stack():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_sweep(spec: Path, env: dict, timeout: float = 900) -> subprocess.Popen:
-    args = ["make", "--no-print-directory", "sweep", f"SPEC={spec.relative_to(ROOT)}"]
+def make_sweep(spec: Path, env: dict, *settings: str) -> subprocess.Popen:
+    args = ["make", "--no-print-directory", "sweep", f"SPEC={spec.relative_to(ROOT)}", *settings]
     args += [f"{k}={env[k]}" for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "STORAGE")]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -221,6 +221,66 @@ def test_sixteen_trials_log_concurrently_without_loss(stack):
     done = assert_complete(spec, client)
     assert sum(len(steps(client, c)) for c in done) == 16 * spec.epochs
 
+
+
+def running_jobs(env) -> list[str]:
+    """Submission ids of the cluster's running Ray jobs (through the authenticated Jobs API)."""
+    code = ("import json, os; from ray.job_submission import JobSubmissionClient as C; print(json.dumps("
+            "[j.submission_id for j in C(os.environ['RAY_ADDRESS']).list_jobs() if j.status == 'RUNNING']))")
+    return json.loads(sh(ROOT / ".venv" / "bin" / "python", "-c", code, env=env).splitlines()[-1])
+
+
+def assert_closed_killed(env, spec, started_after: float) -> None:
+    """The parent KILLED, no trial RUNNING, every trial's tags equal to its metric history."""
+    recorded = [r for r in runs(env, spec.experiment) if r.info.start_time >= started_after]
+    [parent] = [r for r in recorded if r.data.tags["sweep.role"] == "parent"]
+    assert parent.info.status == "KILLED"
+    trials = [r for r in recorded if r.data.tags["sweep.role"] == "trial"]
+    assert "KILLED" in {r.info.status for r in trials} and "RUNNING" not in {r.info.status for r in trials}
+    for run in trials:
+        assert run.data.tags["trial.epochs"] == str(len(steps(env, run)))
+        if run.info.status == "KILLED":
+            assert run.data.tags["trial.ended"] == "interrupted"
+
+
+def test_ray_job_stop_closes_the_record_and_the_same_command_resumes(stack):
+    """`ray job stop`: SIGTERM to the job's driver, SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (the
+    Makefile gives it 30 s): the driver closes its record and leaves well within that."""
+    _, _, env = stack
+    spec = load_spec(SPECS / "cluster_stop.yaml")
+    started = time.time() * 1000
+    proc = make_sweep(SPECS / "cluster_stop.yaml", env)
+    try:
+        wait_for(lambda: sum(len(steps(env, c)) for c in children(env, spec)) >= 2, 600,
+                 "two logged epochs", proc)
+        [job] = running_jobs(env)
+        sent = time.monotonic()
+        sh(ROOT / ".venv" / "bin" / "ray", "job", "stop", job, env=env)
+        took = time.monotonic() - sent
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        kill_group(proc)
+    assert took <= 20, f"{took:.1f} s to stop"
+    status = sh(ROOT / ".venv" / "bin" / "ray", "job", "status", job, env=env)
+    assert "STOPPED" in status
+    logs = sh(ROOT / ".venv" / "bin" / "ray", "job", "logs", job, env=env)
+    assert "interrupted by SIGTERM: the sweep and" in logs and "stopped at once" not in logs
+    assert_closed_killed(env, spec, started)
+    finish(make_sweep(SPECS / "cluster_stop.yaml", env))  # the same command again
+    done = assert_complete(spec, env)
+    assert all(c.info.status == "FINISHED" for c in done)
+
+
+def test_a_job_past_its_time_limit_closes_its_record(stack):
+    """`make sweep TIME_LIMIT=...`: the job's driver stops itself at the limit, record KILLED."""
+    _, _, env = stack
+    spec = load_spec(SPECS / "cluster_limit.yaml")
+    started = time.time() * 1000
+    proc = make_sweep(SPECS / "cluster_limit.yaml", env, "TIME_LIMIT=45s")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "exited with code 124" in out, out[-3000:]
+    assert "interrupted by SIGTERM: the sweep and" in out
+    assert_closed_killed(env, spec, started)
 
 
 @pytest.mark.parametrize("resources", ["{cpus: 2}", "{cpus: 1, gpus: 1}"], ids=["cpus", "gpus"])

@@ -3,13 +3,10 @@ imported on a thread, the two importing no module in common (so the threads cann
 the import locks)."""
 
 import json
-import pickle
 import subprocess
 import sys
 
 import pytest
-
-from sweeps import interrupt, runner
 
 from .conftest import ROOT
 
@@ -62,12 +59,3 @@ def test_ray_start_and_the_tuning_side_import_no_module_in_common(tmp_path, firs
     assert imported["ray"] and "mlflow" in imported["tuning"]
     common = imported["ray"] & imported["tuning"]
     assert (not common) == apart, sorted(common)[:20]
-
-
-def test_a_tuner_saved_before_catch_moved_still_loads():
-    """A sweep interrupted before `Catch` moved to `sweeps.runner` saved its Tuner naming
-    `sweeps.interrupt.Catch`; resuming it loads that name."""
-    old = pickle.dumps(runner.Catch(), protocol=0).replace(b"sweeps.runner", b"sweeps.interrupt")
-    assert b"sweeps.interrupt" in old
-    assert isinstance(pickle.loads(old), runner.Catch)
-    assert interrupt.Catch is runner.Catch

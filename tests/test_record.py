@@ -1,9 +1,8 @@
-"""The record stays true whatever the user does: Ctrl-C or SIGTERM then the same command again, two
-drivers of one sweep, an edited spec after a killed driver, resources the machine cannot give."""
+"""The record stays true whatever the user does: two drivers of one sweep, an edited spec after a
+killed driver, resources the machine cannot give (stop signals: test_stops.py)."""
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 
@@ -16,12 +15,13 @@ from .conftest import ROOT
 from .sweep_helpers import (
     SLOW_TRIALS,
     assert_complete,
+    epochs_logged,
     kill_group,
     run_sweep,
     runs,
     start_sweep,
-    steps,
     sweep_env,
+    trial_runs,
     wait_for,
 )
 
@@ -30,66 +30,6 @@ def write_spec(tmp_path, name="record", epochs=8, samples=3):
     path = tmp_path / f"{name}.yaml"
     path.write_text(SLOW_TRIALS.format(name=name, epochs=epochs, samples=samples))
     return path
-
-
-def trial_runs(env, spec):
-    return [r for r in runs(env, spec.experiment) if r.data.tags.get("sweep.role") == "trial"]
-
-
-def assert_tags_match_history(env, spec):
-    """Every trial run's tags say what its history holds, whatever its status."""
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    for run in trial_runs(env, spec):
-        tags, epochs = run.data.tags, steps(env, run)
-        assert epochs == list(range(1, len(epochs) + 1))
-        assert tags["trial.epochs"] == str(len(epochs)), (tags, epochs)
-        names = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.json", "history.json"} <= names
-        if run.info.status == "KILLED":
-            assert tags["trial.ended"] == "interrupted" and tags["trial.stopped_early"] == "false"
-            assert tags["trial.closed"] == "false"
-        else:
-            assert run.info.status == "FINISHED" and tags["trial.ended"] == "budget", tags
-            assert len(epochs) == spec.epochs and tags["trial.stopped_early"] == "false"
-            assert "test/accuracy_binary" in run.data.metrics
-
-
-def epochs_logged(env, spec) -> int:
-    return sum(len(steps(env, r)) for r in trial_runs(env, spec))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_sweep_is_killed_honestly_and_resumes_to_true_tags(signum, tmp_path):
-    path = write_spec(tmp_path)
-    spec, env = load_spec(path), sweep_env(tmp_path)
-    proc = start_sweep(path, env)
-    try:
-        wait_for(lambda: epochs_logged(env, spec) >= 3, 300, "three logged epochs", proc)
-        if signum == signal.SIGINT:
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
-        else:
-            os.kill(proc.pid, signal.SIGTERM)  # a scheduler or `kill`: the driver alone
-        out, _ = proc.communicate(timeout=180)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 128 + signum, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    assert last.startswith(f"interrupted by {signal.Signals(signum).name}") and "resume" in last
-    assert not [line for line in out.splitlines() if line.startswith("best ")]  # no summary
-    [parent] = [r for r in runs(env, spec.experiment) if r.data.tags["sweep.role"] == "parent"]
-    assert parent.info.status == "KILLED"
-    cut = [r for r in trial_runs(env, spec) if r.info.status == "KILLED"]
-    assert cut and not [r for r in trial_runs(env, spec) if r.info.status == "RUNNING"]
-    assert_tags_match_history(env, spec)
-
-    out = run_sweep(path, env)  # the same command again
-    assert "resuming" in out
-    children = assert_complete(spec, env)
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert_tags_match_history(env, spec)
-    resumed = {r.info.run_id for r in cut}
-    assert resumed <= {c.info.run_id for c in children}  # the cut-short trials' own runs
 
 
 @pytest.mark.slow
