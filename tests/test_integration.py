@@ -223,10 +223,10 @@ def test_sixteen_trials_log_concurrently_without_loss(stack):
 
 
 
-def running_jobs(env) -> list[str]:
-    """Submission ids of the cluster's running Ray jobs (through the authenticated Jobs API)."""
-    code = ("import json, os; from ray.job_submission import JobSubmissionClient as C; print(json.dumps("
-            "[j.submission_id for j in C(os.environ['RAY_ADDRESS']).list_jobs() if j.status == 'RUNNING']))")
+def jobs_api(env, expression: str):
+    """`expression` evaluated on the cluster's authenticated Jobs API client `jobs`; its JSON."""
+    code = ("import json, os; from ray.job_submission import JobSubmissionClient; "
+            f"jobs = JobSubmissionClient(os.environ['RAY_ADDRESS']); print(json.dumps({expression}))")
     return json.loads(sh(ROOT / ".venv" / "bin" / "python", "-c", code, env=env).splitlines()[-1])
 
 
@@ -253,7 +253,7 @@ def test_ray_job_stop_closes_the_record_and_the_same_command_resumes(stack):
     try:
         wait_for(lambda: sum(len(steps(env, c)) for c in children(env, spec)) >= 2, 600,
                  "two logged epochs", proc)
-        [job] = running_jobs(env)
+        [job] = jobs_api(env, "[j.submission_id for j in jobs.list_jobs() if j.status == 'RUNNING']")
         sent = time.monotonic()
         sh(ROOT / ".venv" / "bin" / "ray", "job", "stop", job, env=env)
         took = time.monotonic() - sent
@@ -261,9 +261,8 @@ def test_ray_job_stop_closes_the_record_and_the_same_command_resumes(stack):
     finally:
         kill_group(proc)
     assert took <= 20, f"{took:.1f} s to stop"
-    status = sh(ROOT / ".venv" / "bin" / "ray", "job", "status", job, env=env)
-    assert "STOPPED" in status
-    logs = sh(ROOT / ".venv" / "bin" / "ray", "job", "logs", job, env=env)
+    assert jobs_api(env, f"jobs.get_job_status('{job}').value") == "STOPPED"
+    logs = jobs_api(env, f"jobs.get_job_logs('{job}')")
     assert "interrupted by SIGTERM: the sweep and" in logs and "stopped at once" not in logs
     assert_closed_killed(env, spec, started)
     finish(make_sweep(SPECS / "cluster_stop.yaml", env))  # the same command again
@@ -278,7 +277,7 @@ def test_a_job_past_its_time_limit_closes_its_record(stack):
     started = time.time() * 1000
     proc = make_sweep(SPECS / "cluster_limit.yaml", env, "TIME_LIMIT=45s")
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0 and "exited with code 124" in out, out[-3000:]
+    assert proc.returncode != 0 and "failed with exit code 124" in out, out[-3000:]
     assert "interrupted by SIGTERM: the sweep and" in out
     assert_closed_killed(env, spec, started)
 
