@@ -9,10 +9,12 @@ store runs/mlflow.db when it holds the paper's runs, else the committed exports 
 export writes each experiment into OUT/EXPERIMENT/ and leaves the others there, so each spec's export
 can be committed as its sweep ends (`--experiment NAME`); reading a folder reads every export in it.
 One sweep per experiment is read: the one named with `--sweep` (repeatable), else the latest complete
-one; a line per experiment says which. `--size quick|smoke` reads the paper sweeps run at that size of
-their specs (experiments t1-main-quick, ...; `--smoke` is `--size smoke`) and writes by default into
-runs/paper-SIZE (tables) and runs/paper-SIZE/runs (export), not the committed paper/; `--size full`
-(the default) is the specs as written.
+one; a line per experiment says which. Runs RUNNING are refused (exit 2, one line): those left open
+by a driver that is gone (`python -m sweeps status --repair` closes them), and those of a sweep still
+running (`tables` reads one when it is named with `--sweep`, and says so). `--size quick|smoke` reads
+the paper sweeps run at that size of their specs (experiments t1-main-quick, ...; `--smoke` is
+`--size smoke`) and writes by default into runs/paper-SIZE (tables) and runs/paper-SIZE/runs
+(export), not the committed paper/; `--size full` (the default) is the specs as written.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in names if n in args.experiment] if args.experiment else names
     source = args.source or default_source(names)
     try:
-        loaded = runs.load(source, names, args.sweep)
+        loaded = runs.load(source, names, args.sweep, read_running=args.command == "tables")
     except (FileNotFoundError, runs.SelectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -96,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
               f"-> {args.out}")
         return 0
     tables, pngs, notes = paper.build(loaded, args.out, size=args.size)
-    if "://" in source:
-        paper.log_figures(source, loaded, pngs)
+    if "://" in source:  # not on a sweep still running: its figures are not its final ones
+        ended = loaded.parents[~loaded.parents["tags.sweep.id"].isin(loaded.running)]
+        paper.log_figures(source, runs.Runs(loaded.trials, ended, loaded.history), pngs)
     for note in notes:
         print(note)
     print(f"{len(tables)} tables and {len(pngs)} figures from {source} -> {args.out}")

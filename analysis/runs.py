@@ -11,11 +11,17 @@ FINISHED; latest by its end time, ties by start time); `Runs.selection` says whi
 experiment. A sweep id whose trial runs have no parent run is in state "no parent run": whether it
 ended is unknown, so it is never chosen by default, only when named. Trial runs without a sweep id
 belong to no sweep and are never read.
+
+Runs RUNNING are refused (`refuse_open`): those of a sweep whose driver is gone were left open (a
+killed driver: `python -m sweeps status --repair` closes them); those of a sweep whose driver is
+alive are still changing, and only read when the sweep is named and the caller allows it (tables).
+An export never holds any.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +33,8 @@ import pandas as pd
 
 from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 
+PROJECT = Path(__file__).resolve().parents[1]
+REPAIR = "python -m sweeps status --repair"
 HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS)
 EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "sweep.size", "trial.id", "trial.variant",
                  "trial.setting", "trial.epochs", "trial.ended", "trial.stopped_early",
@@ -49,12 +57,17 @@ class SelectionError(ValueError):
     """No sweep to read for an experiment, or a named sweep that is not there."""
 
 
+class OpenRuns(SelectionError):
+    """A sweep to read has runs RUNNING: left open by a driver that is gone, or still running."""
+
+
 @dataclass
 class Runs:
     trials: pd.DataFrame
     parents: pd.DataFrame
     history: pd.DataFrame
     selection: tuple[str, ...] = ()  # which sweep was read per experiment, and why
+    running: tuple[str, ...] = ()  # sweeps read while their driver runs (named, and allowed)
 
     def of(self, experiment: str) -> Runs:
         """The runs of one experiment (one spec)."""
@@ -67,9 +80,10 @@ class Runs:
         return sorted(set(self.trials["experiment"]))
 
 
-def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
+def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str] = (),
+                read_running: bool = False) -> Runs:
     """The runs of one sweep per named experiment (`select`; missing experiments are skipped), with
-    the metric histories of its trials."""
+    the metric histories of its trials; a sweep with runs RUNNING is refused (`refuse_open`)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -79,11 +93,64 @@ def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str]
         if experiment is not None:
             rows += [_row(name, run) for run in _every_run(client, experiment.experiment_id)]
     empty = pd.DataFrame(columns=["run_id", "key", "step", "value"])
-    runs = select(_typed(pd.DataFrame(rows), empty), sweeps)
+    runs = refuse_open(select(_typed(pd.DataFrame(rows), empty), sweeps), sweeps, read_running)
     wanted = {key: list(runs.trials.loc[runs.trials[column].notna(), "run_id"])
               for key in HISTORY_KEYS if (column := f"metrics.{key}") in runs.trials}
     history = pd.DataFrame(_histories(client, wanted), columns=empty.columns)
-    return Runs(runs.trials, runs.parents, _typed_history(history), runs.selection)
+    return Runs(runs.trials, runs.parents, _typed_history(history), runs.selection, runs.running)
+
+
+def live_driver(sweep_id: str) -> dict | None:
+    """The live driver holding the sweep's lock (`sweeps.lock`), if one does, in the storage the
+    sweeps use: $STORAGE, else runs/ray."""
+    from sweeps.lock import DriverLock
+
+    storage = os.environ.get("STORAGE") or str(PROJECT / "runs" / "ray")
+    return DriverLock(storage, sweep_id).held_elsewhere()
+
+
+def refuse_open(runs: Runs, named: Iterable[str] = (), read_running: bool = False,
+                export: str | None = None) -> Runs:
+    """The selected runs, unless a sweep among them has runs RUNNING without a live driver (left
+    open: OpenRuns naming each such sweep and its RUNNING runs, and the command that closes them),
+    or has a live driver (OpenRuns: still running), except a sweep named when `read_running`:
+    read as it is now, said in its selection line. From an `export` folder, any run RUNNING is
+    refused: no driver to ask, and a finished sweep's export holds none."""
+    from sweeps.lock import holder_text
+
+    frame = pd.concat([runs.parents, runs.trials], ignore_index=True).reindex(
+        columns=["tags.sweep.id", "status"])
+    counts = frame[frame["status"] == "RUNNING"].groupby("tags.sweep.id").size().to_dict()
+    if export is not None:
+        if counts:
+            raise OpenRuns(f"the export {export} holds runs RUNNING: {_open(counts)}; export the "
+                           f"sweep again from its store once it has ended (runs left open by a "
+                           f"driver that is gone: {REPAIR})")
+        return runs
+    drivers = {sweep: live_driver(sweep) for sweep in frame["tags.sweep.id"].dropna().unique()}
+    left = {sweep: n for sweep, n in counts.items() if drivers.get(sweep) is None}
+    if left:
+        raise OpenRuns(f"runs left open (RUNNING without a live driver): {_open(left)}; close them "
+                       f"with {REPAIR}")
+    live = {sweep: holder for sweep, holder in drivers.items() if holder is not None}
+    named = set(named)
+    for sweep, holder in live.items():
+        if not read_running or sweep not in named:
+            hint = f", or name it with --sweep {sweep} to read it as it is now" if read_running else ""
+            raise OpenRuns(f"sweep {sweep} is still running (driver {holder_text(holder)}): wait "
+                           f"for it to end{hint}")
+    if not live:
+        return runs
+    selection = tuple(
+        line + "".join(f"; still running (driver {holder_text(live[sweep])}): read as it is now"
+                       for sweep in live if line.partition(": sweep ")[2].startswith(f"{sweep} "))
+        for line in runs.selection)
+    return Runs(runs.trials, runs.parents, runs.history, selection, tuple(sorted(live)))
+
+
+def _open(counts: dict[str, int]) -> str:
+    return ", ".join(f"sweep {sweep} ({n} RUNNING run{'s' if n > 1 else ''})"
+                     for sweep, n in sorted(counts.items()))
 
 
 def _histories(client, wanted: dict[str, list[str]]) -> list[tuple]:
@@ -158,13 +225,14 @@ def _every_run(client, experiment_id: str, page: int = 10_000) -> list:
 
 def from_export(folder: str | Path, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
     """The runs of one sweep per named experiment (`select`) from an export folder: every export in
-    it (`exports`), so that each spec's export can be committed on its own as its sweep ends."""
+    it (`exports`), so that each spec's export can be committed on its own as its sweep ends. Runs
+    RUNNING are refused (`refuse_open`)."""
     parts = exports(folder)
     frame = pd.concat([pd.read_csv(p / "runs.csv", dtype=str, keep_default_na=False) for p in parts],
                       ignore_index=True).fillna("").replace("", np.nan)
     frame = frame[frame["experiment"].isin(experiments)]
     history = pd.concat([pd.read_csv(p / "history.csv") for p in parts], ignore_index=True)
-    return select(_typed(frame, history), sweeps)
+    return refuse_open(select(_typed(frame, history), sweeps), export=str(folder))
 
 
 def exports(folder: str | Path) -> list[Path]:
@@ -192,15 +260,17 @@ def export(runs: Runs, folder: str | Path) -> None:
         hist.to_csv(out / "history.csv", index=False, float_format="%.17g")
 
 
-def load(source: str, experiments: list[str], sweeps: Iterable[str] = ()) -> Runs:
+def load(source: str, experiments: list[str], sweeps: Iterable[str] = (),
+         read_running: bool = False) -> Runs:
     """One sweep per experiment (`sweeps` names some, by id; see `select`) from `source`, a tracking
-    URI or an export folder (see `exports`)."""
+    URI or an export folder (see `exports`). Runs RUNNING are refused (`refuse_open`); with
+    `read_running`, those of a named sweep whose driver is alive are read as they are now."""
     if exports(source):
         return from_export(source, experiments, sweeps)
     if "://" not in source:
         raise FileNotFoundError(f"{source}: no runs.csv here or in its subfolders (an export folder "
                                 "or a tracking URI was expected)")
-    return from_mlflow(source, experiments, sweeps)
+    return from_mlflow(source, experiments, sweeps, read_running)
 
 
 def sweeps_of(runs: Runs) -> pd.DataFrame:

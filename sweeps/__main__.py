@@ -4,6 +4,8 @@
            interrupted sweep) on local Ray or $RAY_ADDRESS, recording into $MLFLOW_TRACKING_URI
            (default: runs/mlflow.db), with trial storage in $STORAGE (default: runs/ray)
     check  validate specs only (exit status 2 and one line per bad spec)
+    status the state of each recorded sweep (running, finished, interrupted, failed, left open);
+           --repair closes the runs of a sweep left open by a driver that died
     ui     print where the MLflow UI shows each experiment's runs
 
 `--size NAME` applies the spec's `NAME:` section of overrides (smoke: CI's size; quick: a laptop
@@ -18,7 +20,7 @@ import sys
 
 from sweeps.spec import SIZES
 
-# Ray Tune's own console output gives way to sweeps.runner.Progress; its per-trial records stay.
+# Ray Tune's own console output gives way to sweeps.progress.Progress; its per-trial records stay.
 QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
          "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_DEDUP_LOGS": "1",
          # a tracking server that is away fails fast; the tracker queues and replays instead
@@ -37,10 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     add_size(check)
     check.add_argument("--reachable", action="store_true",
                        help="also check that $RAY_ADDRESS and $MLFLOW_TRACKING_URI answer")
+    status = commands.add_parser("status", help="the state of each recorded sweep (of SPECs, or "
+                                 "all); --repair closes the runs of sweeps left open")
+    status.add_argument("specs", nargs="*", metavar="SPEC")
+    add_size(status)
+    status.add_argument("--repair", action="store_true",
+                        help="close the runs of sweeps left open (RUNNING without a live driver) "
+                             "as KILLED, as an interruption would have")
     ui = commands.add_parser("ui", help="print the address of each experiment's runs in the UI")
     ui.add_argument("--tracking-uri", required=True)
     ui.add_argument("--base", required=True, help="the UI's address, e.g. http://127.0.0.1:5000")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        from sweeps.status import main as status_main
+
+        return status_main(args.specs, spec_size(args), args.repair)
     if args.command == "ui":
         from sweeps.ui import addresses
 

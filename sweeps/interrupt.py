@@ -35,7 +35,7 @@ from collections.abc import Callable
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 GRACE_S = float(os.environ.get("STUDY_STOP_GRACE_S", 10))
 REPEAT_S = 1.0
-HARD_CAP_S = 20.0  # the at-once close itself, against a tracking store that does not answer
+HARD_CAP_S = 10.0  # the at-once close itself, against a tracking store that does not answer
 
 received: int | None = None
 _first_at = 0.0
@@ -62,7 +62,8 @@ def while_running(graceful: Callable[[], None] | None) -> None:
 
 
 def on_stop_at_once(close: Callable[[], str] | None) -> None:
-    """Once the record is open: `close()` closes it without Ray and returns the line to print."""
+    """Once the record is open: `close()` closes it without Ray, stops what the driver started,
+    and returns the end of the line to print."""
     global _at_once
     _at_once = close
 
@@ -101,19 +102,21 @@ def stop_at_once(why: str) -> None:
 
 
 def _close_and_exit(why: str) -> None:
-    cap = threading.Timer(HARD_CAP_S, os._exit, args=(exit_status(),))
+    head = f"interrupted by {name()}: stopped at once ({why})"
+    cap = threading.Timer(HARD_CAP_S, _leave, args=(
+        f"{head}, but the record was not closed within {HARD_CAP_S:g} s; "
+        "`python -m sweeps status --repair` closes it",))
     cap.daemon = True
     cap.start()
-    line = f"interrupted by {name()}: stopped at once ({why})"
     try:
-        line = f"{line}: {_at_once()}" if _at_once is not None else line
+        _leave(f"{head}: {_at_once()}" if _at_once is not None else head)
     except Exception as err:  # the store did not answer: say so, leave anyway
-        line = (f"{line}, but the record could not be closed ({str(err).splitlines()[0][:200]}); "
-                "`python -m sweeps status --repair` closes it")
+        _leave(f"{head}, but the record could not be closed ({str(err).splitlines()[0][:200]}); "
+               "`python -m sweeps status --repair` closes it")
+
+
+def _leave(line: str) -> None:
     say(f"{line} ({_resume})" if _resume else line)
-    kill_ray = getattr(sys.modules.get("sweeps.launch"), "kill_local_ray", None)
-    if kill_ray is not None:
-        kill_ray()
     os._exit(exit_status())
 
 

@@ -5,11 +5,8 @@ MLflow as the record; then the record closed."""
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
-import sys
-import time
 
 from mlflow import MlflowClient
 from ray import tune
@@ -19,9 +16,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from sweeps import interrupt, tracking
-from sweeps.launch import Interrupted, Settings
+from sweeps.launch import Interrupted, Settings, kill_local_ray
 from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, error_line, storage_join
+from sweeps.progress import Progress
 from sweeps.space import DefineByRun, Repeats, StudySearch, sampler, study_storage
 from sweeps.spec import SweepSpec
 from sweeps.trainable import SCORE, TIME_ATTR, StudyTrial, ray_keeps
@@ -126,7 +124,8 @@ def flush_deadline() -> float:
 def close_at_once(client, exp_id: str, spec: SweepSpec, parent: str) -> str:
     """The record closed without Ray (a second signal, SIGQUIT, or a graceful stop past its
     deadline): the MLflow writer given up, every run of the sweep still RUNNING closed KILLED with
-    the tags its history gives; the end of the driver's last line."""
+    the tags its history gives, then a local Ray cluster killed; the end of the driver's last
+    line."""
     tracker = tracking.active_tracker()
     left = []
     if tracker is not None:
@@ -135,6 +134,7 @@ def close_at_once(client, exp_id: str, spec: SweepSpec, parent: str) -> str:
         left = [what for what, _ in tracker.writer.queue]
     closed = tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial")
     client.set_terminated(parent, status="KILLED")
+    kill_local_ray()
     note = (f", without {len(left)} MLflow writes ({tracking.describe_left(left)})" if left else "")
     return (f"the sweep and {closed} trial runs still open are marked KILLED{note}; run the same "
             "command to resume")
@@ -253,51 +253,6 @@ class KeepWhatRayReads(tune.Callback):
         kept = set(ray_keeps(result))
         for key in [k for k in result if k not in kept]:
             del result[key]
-
-
-class Progress(tune.Callback):
-    """One line per finished trial and at most one per 15 s otherwise: running, done (trials of
-    earlier launches of a resumed sweep included), best score (`trainable.SCORE`, as the summary
-    ranks trials)."""
-
-    def __init__(self, spec: SweepSpec):
-        self.spec, self.last_print, self.best = spec, 0.0, None
-        self.done, self.failed = set(), set()
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._consider(trial.trial_id, result)
-        if time.monotonic() - self.last_print > 15:
-            self._print(trials)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done.add(trial.trial_id)
-        self._print(trials, f"trial {trial.trial_id} done")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.failed.add(trial.trial_id)
-        self._print(trials, f"trial {trial.trial_id} FAILED")
-
-    def _consider(self, trial_id: str, result: dict) -> None:
-        value = result.get(SCORE)
-        valid = isinstance(value, int | float) and not math.isnan(value)
-        if valid and (self.best is None or (value > self.best[0]) == (self.spec.mode == "max")):
-            self.best = (value, trial_id)
-
-    def _print(self, trials, event: str = "") -> None:
-        self.last_print = time.monotonic()
-        for t in trials:  # those a resumed sweep restored as ended
-            if t.status == "TERMINATED":
-                self.done.add(t.trial_id)
-            elif t.status == "ERROR":
-                self.failed.add(t.trial_id)
-            self._consider(t.trial_id, t.last_result or {})
-        running = sum(t.status == "RUNNING" and t.trial_id not in self.done | self.failed
-                      for t in trials)
-        best = (f"best {self.spec.metric}={self.best[0]:.4f} (trial {self.best[1]})"
-                if self.best else "no result yet")
-        print(f"[{time.strftime('%H:%M:%S')}] {self.spec.sweep_id}: {event + '; ' if event else ''}"
-              f"{running} running, {len(self.done)}/{self.spec.num_trials} done, "
-              f"{len(self.failed)} failed; {best}", file=sys.stdout, flush=True)
 
 
 class Catch(tune.Callback):

@@ -180,7 +180,7 @@ class Summary:
             if trial_id is None:
                 continue
             score = run.data.metrics.get(SCORE, run.data.metrics.get(self.spec.metric))
-            if score is not None:  # (runs recorded before scores: their last value)
+            if score is not None and not math.isnan(score):  # (runs recorded before scores: their last value)
                 self.value[trial_id] = score
                 self._best = None
             self.settings[trial_id] = self.settings_of(

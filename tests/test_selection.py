@@ -2,7 +2,10 @@
 the one named, from a tracking store and from an export; the tables' trials are those that ran their
 whole budget by their own record, whatever their tags and history of interruptions say."""
 
+import contextlib
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -13,6 +16,8 @@ from analysis import runs
 from analysis.__main__ import main
 from analysis.checks import checks, still_improving
 from analysis.tables import by_setting, finished
+
+from .conftest import ROOT
 
 EXP = "t3-ablations"
 OLD, LATEST, KILLED = (f"{EXP}-{c * 8}" for c in "abc")
@@ -236,3 +241,100 @@ def test_the_cli_exports_one_experiment_and_refuses_an_unknown_one(tmp_path, cap
     assert main(["export", "--source", str(tmp_path / "in"), "--experiment", EXP,
                  "--out", str(tmp_path / "out")]) == 0
     assert [p.name for p in runs.exports(tmp_path / "out")] == [EXP]
+
+
+# runs RUNNING: left open by a driver that is gone, or of a live one ------------------------------
+
+HOLD = """
+import sys, time
+from sweeps.lock import DriverLock
+lock = DriverLock(sys.argv[1], sys.argv[2]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+REPAIR = "python -m sweeps status --repair"
+
+
+@pytest.fixture
+def storage(tmp_path, monkeypatch):
+    """The sweeps' storage (their driver locks) is the test's own."""
+    monkeypatch.setenv("STORAGE", str(tmp_path / "ray"))
+    return str(tmp_path / "ray")
+
+
+@contextlib.contextmanager
+def live_driver(storage, sweep):
+    """A driver of `sweep` (another process: a lock is another process's) holding its lock."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, storage, sweep], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def left_open():
+    """records(), with a trial of the latest complete sweep left RUNNING (its driver killed during
+    a resume, after it had been closed FINISHED) and the KILLED one's parent and trial RUNNING."""
+    recs = records()
+    recs[4] = trial(LATEST, "stale-tags", status="RUNNING", stopped_early="true", tag_epochs=0, seed=1)
+    recs[-2] = parent(KILLED, "RUNNING", 5000, None)
+    recs[-1] = trial(KILLED, "t0", status="RUNNING", variant="new")
+    return recs
+
+
+@pytest.mark.parametrize("named, message", [
+    ([], f"sweep {LATEST} (1 RUNNING run)"), ([KILLED], f"sweep {KILLED} (2 RUNNING runs)")])
+def test_runs_left_open_are_refused_in_one_line_naming_them(tmp_path, capsys, storage, named,
+                                                             message):
+    uri = to_store(tmp_path, left_open())
+    capsys.readouterr()  # MLflow's own lines as it made the store
+    expected = (f"runs left open (RUNNING without a live driver): {message}; close them with "
+                f"{REPAIR} (STORAGE as the sweep had it)")
+    with pytest.raises(runs.OpenRuns, match=f"^{re.escape(expected)}$"):
+        runs.load(uri, [EXP], named)
+    argv = ["--source", uri, *[a for s in named for a in ("--sweep", s)]]
+    for command in ("tables", "export"):
+        assert main([command, *argv, "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"error: {expected}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_live_sweep_is_exported_never_and_tabulated_only_when_named(tmp_path, capsys, storage):
+    recs = left_open()
+    recs[4] = trial(LATEST, "stale-tags", stopped_early="true", tag_epochs=0, seed=1)
+    uri = to_store(tmp_path, recs)
+    client = MlflowClient(uri)
+    capsys.readouterr()  # MLflow's own lines as it made the store
+    with live_driver(storage, KILLED) as driver:
+        running = rf"sweep {KILLED} is still running \(driver pid {driver.pid} on \S+ since [^)]+\)"
+        assert main(["export", "--source", uri, "--sweep", KILLED, "--out", str(tmp_path / "x")]) == 2
+        assert re.fullmatch(rf"error: {running}: wait for it to end\n", capsys.readouterr().err)
+        assert main(["tables", "--source", uri, "--sweep", KILLED, "--out", str(tmp_path / "t")]) == 0
+        said = capsys.readouterr().out.splitlines()[0]
+        assert re.fullmatch(rf"{EXP}: sweep {KILLED} \(named, RUNNING; ignored {OLD} FINISHED, "
+                            rf"{LATEST} FINISHED\); still running \(driver pid {driver.pid} on \S+ "
+                            rf"since [^)]+\): read as it is now", said)
+        [parent_run] = client.search_runs([client.get_experiment_by_name(EXP).experiment_id],
+                                          f"tags.`sweep.id` = '{KILLED}' and tags.`sweep.role` = "
+                                          "'parent'")
+        assert client.list_artifacts(parent_run.info.run_id) == []  # no figures of a partial sweep
+        assert main(["export", "--source", uri, "--out", str(tmp_path / "y")]) == 0  # another sweep
+    with live_driver(storage, LATEST) as driver:
+        assert main(["tables", "--source", uri, "--out", str(tmp_path / "z")]) == 2
+        assert capsys.readouterr().err.endswith(f": wait for it to end, or name it with --sweep "
+                                                f"{LATEST} to read it as it is now\n")
+
+
+def test_an_export_holding_runs_running_is_refused(tmp_path, capsys):
+    source = to_export(tmp_path / "export", left_open())
+    expected = (f"the export {source} holds runs RUNNING: sweep {LATEST} (1 RUNNING run); export the "
+                f"sweep again from its store once it has ended (runs left open by a driver that is "
+                f"gone: {REPAIR})")
+    with pytest.raises(runs.OpenRuns, match=f"^{re.escape(expected)}$"):
+        runs.load(source, [EXP])
+    assert main(["tables", "--source", source, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert set(runs.load(source, [EXP], [OLD]).trials["tags.sweep.id"]) == {OLD}  # none RUNNING
