@@ -8,6 +8,7 @@ resumes the sweep to a complete record."""
 import fcntl
 import os
 import pty
+import select
 import signal
 import subprocess
 import sys
@@ -40,37 +41,41 @@ EXIT_S = 15.0  # the driver leaves within this of the signal (README: "Stopping 
 pytestmark = pytest.mark.slow
 
 
-def sweep_on_terminal(path, env) -> tuple[subprocess.Popen, int]:
+def sweep_on_terminal(path, env) -> tuple[subprocess.Popen, threading.Event]:
     """The sweep command run as a terminal runs it: in a session of its own whose controlling
-    terminal is a pseudo-terminal; its output read (and kept) by a thread. Closing the returned
-    master descriptor hangs the terminal up, as closing a terminal window or losing an SSH
-    connection does: the kernel sends SIGHUP to the session's foreground process group."""
+    terminal is a pseudo-terminal; its output read (and kept) by a thread. Setting the returned
+    event closes the master side, which hangs the terminal up as closing a terminal window or
+    losing an SSH connection does: the kernel sends SIGHUP to the session's foreground process
+    group. (The reader closes it: a descriptor closed while another thread reads it stays open
+    until that read returns.)"""
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "sweeps", "run", str(path)], cwd=ROOT, env=env,
                             stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     os.close(slave)
-    proc.output = []
+    proc.output, hang_up = [], threading.Event()
 
     def read():
         try:
-            while chunk := os.read(master, 4096):
-                proc.output.append(chunk.decode(errors="replace"))
-        except OSError:  # closed, or hung up
+            while not hang_up.is_set():
+                if select.select([master], [], [], 0.05)[0]:
+                    proc.output.append(os.read(master, 4096).decode(errors="replace"))
+        except OSError:  # the driver's side is gone
             pass
+        os.close(master)
 
     threading.Thread(target=read, daemon=True).start()
-    return proc, master
+    return proc, hang_up
 
 
-def stop(proc: subprocess.Popen, how: str, signum: int, master: int | None) -> None:
+def stop(proc: subprocess.Popen, how: str, signum: int, hang_up: threading.Event | None) -> None:
     """Send the stop: to the driver, to its process group, twice, or as `timeout` does."""
     if how == "group":
         os.killpg(proc.pid, signum)
     elif how == "driver":
         os.kill(proc.pid, signum)
     elif how == "terminal closed":
-        os.close(master)
+        hang_up.set()
     elif how == "second signal":
         os.kill(proc.pid, signum)
         time.sleep(0.2)
@@ -95,13 +100,13 @@ def test_a_stopped_sweep_leaves_a_true_record_in_bounded_time_and_resumes(signum
     path.write_text(SLOW_TRIALS.format(name="stop", epochs=5, samples=2))
     spec, env = load_spec(path), sweep_env(tmp_path)
     if how == "terminal closed":
-        proc, master = sweep_on_terminal(path, env)
+        proc, hang_up = sweep_on_terminal(path, env)
     else:
-        proc, master = start_sweep(path, env), None
+        proc, hang_up = start_sweep(path, env), None
     try:
         wait_for(lambda: epochs_logged(env, spec) >= 2, 300, "two logged epochs", proc)
         sent = time.monotonic()
-        stop(proc, how, signum, master)
+        stop(proc, how, signum, hang_up)
         out = (proc.communicate(timeout=120)[0] if proc.stdout is not None
                else (proc.wait(timeout=120), "".join(proc.output))[1])
         took = time.monotonic() - sent
