@@ -222,7 +222,7 @@ class Progress(tune.Callback):
                 print(text, file=sys.stdout, flush=True)
 
     def _bar(self) -> Bar | None:
-        if self.bar is None and _terminal(sys.stderr):
+        if self.bar is None and terminal(sys.stderr):
             self.bar = Bar(total=self.spec.num_trials, desc=self.spec.sweep_id, file=sys.stderr,
                            bar_format="{desc} |{bar:20}| {status}", dynamic_ncols=True)
         return self.bar
@@ -238,7 +238,7 @@ class Bar(tqdm):
         return {**super().format_dict, "status": self.status}
 
 
-def _terminal(stream) -> bool:
+def terminal(stream) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):

@@ -116,9 +116,9 @@ def _close_record(client, exp_id: str, spec: SweepSpec, parent: str, status: str
 
 def flush_deadline() -> float:
     """How long the last flush of MLflow writes may wait: STUDY_MLFLOW_FLUSH_S (600 s), or after a
-    stop signal what is left of its deadline, less the time closing the runs takes."""
+    stop signal what is left of its deadline, less a second to close the runs."""
     full = float(os.environ.get("STUDY_MLFLOW_FLUSH_S", 600))
-    return min(full, max(0.0, interrupt.time_left() - 3.0))
+    return min(full, max(0.0, interrupt.time_left() - 1.0))
 
 
 def close_at_once(client, exp_id: str, spec: SweepSpec, parent: str) -> str:

@@ -24,7 +24,6 @@ driver is alive (or starts) is never touched. Exit status 0; 1 when a sweep is l
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ from urllib.parse import urlparse
 
 from sweeps.lock import DriverLock, SweepLocked, holder_text
 from sweeps.preflight import SweepError, _masked, check_tracking, error_line
-from sweeps.progress import Snapshot, body, estimate_left
+from sweeps.progress import Snapshot, body, estimate_left, terminal
 
 PROJECT = Path(__file__).resolve().parents[1]
 REPAIR = "python -m sweeps status --repair"
@@ -93,7 +92,7 @@ class Sweep:
         like_spec = SimpleNamespace(space=(), metric=metric, num_trials=total,
                                     mode=self.parent.data.params.get("mode", "max"))
         summary = tracking.Summary(like_spec)
-        summary.seed([r for r in self.trials if not _nan_score(r, metric)])
+        summary.seed(self.trials)
         return summary.best()
 
     def _times(self, now: float, remaining: int) -> tuple[float, float | None]:
@@ -227,7 +226,7 @@ def render(sweeps: list[Sweep], storage: str) -> None:
     """A table on a terminal (rich), else a line per sweep and one more for what to do."""
     now = time.time()
     rows = [(s, s.snapshot(now)) for s in sweeps]
-    if _terminal(sys.stdout):
+    if terminal(sys.stdout):
         _table(rows, storage)
         return
     for sweep, snapshot in rows:
@@ -330,23 +329,9 @@ def _no_store(uri: str) -> bool:
     return not path.exists() or path.stat().st_size == 0
 
 
-def _nan_score(run, metric: str) -> bool:
-    """A diverged trial's score is NaN: it ranks nowhere (`Summary.report` skips it)."""
-    from sweeps.trainable import SCORE
-
-    score = run.data.metrics.get(SCORE, run.data.metrics.get(metric))
-    return isinstance(score, float) and math.isnan(score)
-
-
 def _int(text, default: int) -> int:
     try:
         return int(text)
     except (TypeError, ValueError):
         return default
 
-
-def _terminal(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

@@ -45,7 +45,7 @@ def lines(capsys) -> list[dict]:
 @pytest.fixture
 def plain(monkeypatch):
     """Output to a pipe (no bar), as in the sweep tests."""
-    monkeypatch.setattr(progress, "_terminal", lambda stream: False)
+    monkeypatch.setattr(progress, "terminal", lambda stream: False)
 
 
 def test_the_best_shown_is_the_trial_the_sweeps_summary_names(tmp_path, capsys, plain):
@@ -154,7 +154,7 @@ def test_a_diverged_trial_is_failed_and_a_cut_short_one_interrupted(capsys, plai
 
 def test_on_a_terminal_a_bar_is_drawn_and_the_events_are_lines(capsys, monkeypatch):
     bar = io.StringIO()
-    monkeypatch.setattr(progress, "_terminal", lambda stream: stream is bar)
+    monkeypatch.setattr(progress, "terminal", lambda stream: stream is bar)
     monkeypatch.setattr(progress.sys, "stderr", bar)
     live = Progress(SPEC)
     trials = [trial("a"), trial("b")]

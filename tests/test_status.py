@@ -271,7 +271,7 @@ def test_on_a_terminal_the_sweeps_are_a_table(store, capsys, monkeypatch):
     client, exp, storage = store
     sweep(client, exp, "stat-open", "RUNNING", [("a", "FINISHED", [0.8]), ("b", "RUNNING", [0.5])])
     ended_driver(storage, "stat-open")
-    monkeypatch.setattr(status, "_terminal", lambda stream: True)
+    monkeypatch.setattr(status, "terminal", lambda stream: True)
     monkeypatch.setenv("COLUMNS", "160")
     code, lines, _ = run_status(capsys)
     assert code == 1

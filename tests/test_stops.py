@@ -118,15 +118,17 @@ def test_a_stopped_sweep_leaves_a_true_record_in_bounded_time_and_resumes(signum
     assert took <= EXIT_S, f"{took:.1f} s to exit"
     assert not left, f"left running: {list(left.values())}"
     at_once = how in ("second signal", "cluster dies with it") or signum == signal.SIGQUIT
+    named = False  # MLflow writes the driver gave up at its deadline, named in its last line
     if how != "terminal closed":  # there, the terminal that would show it is gone
         last = out.strip().splitlines()[-1]
         assert last.startswith(f"interrupted by {signal.Signals(signum).name}"), out[-3000:]
         assert "resume" in last and ("stopped at once" in last) == at_once, last
+        named = "did not record" in last or "without" in last
     [parent] = [r for r in runs(env, spec.experiment) if r.data.tags["sweep.role"] == "parent"]
     assert parent.info.status == "KILLED"
     statuses = [r.info.status for r in trial_runs(env, spec)]
     assert "KILLED" in statuses and "RUNNING" not in statuses, statuses
-    assert_tags_match_history(env, spec, artifacts=not at_once)
+    assert_tags_match_history(env, spec, artifacts=not (at_once or named))
 
     out = run_sweep(path, env)  # the same command again
     assert "resuming" in out
@@ -138,14 +140,14 @@ def test_a_stopped_sweep_leaves_a_true_record_in_bounded_time_and_resumes(signum
 def test_timeout_stops_the_sweep_with_a_true_record(tmp_path):
     """`timeout` signals the driver and then its whole group (the same SIGTERM twice: one request)."""
     path = tmp_path / "limit.yaml"
-    path.write_text(SLOW_TRIALS.format(name="limit", epochs=40, samples=2))
+    path.write_text(SLOW_TRIALS.format(name="limit", epochs=400, samples=2))  # longer than the limit
     spec, env = load_spec(path), sweep_env(tmp_path)
     started = time.monotonic()
-    proc = subprocess.run(["timeout", "40", sys.executable, "-m", "sweeps", "run", str(path)],
+    proc = subprocess.run(["timeout", "30", sys.executable, "-m", "sweeps", "run", str(path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     took = time.monotonic() - started
     assert proc.returncode == 124, proc.stderr[-3000:]  # timeout's own status for "timed out"
-    assert took <= 40 + EXIT_S, took
+    assert took <= 30 + EXIT_S, took
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted by SIGTERM: the sweep and") and "stopped at once" not in last
     [parent] = [r for r in runs(env, spec.experiment) if r.data.tags["sweep.role"] == "parent"]
