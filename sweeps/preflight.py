@@ -8,12 +8,14 @@ temporary file beside the store, which is removed at once; a database is opened 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import re
 import socket
 import sqlite3
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +26,8 @@ from study.config import one_line
 _DATABASES = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # SQLAlchemy dialects, default ports
 _HOSTED = ("databricks", "databricks-uc", "uc")
 _SQLITE_HEADER = b"SQLite format 3\0"
+# Tables MLflow makes before it writes its schema version: a store another process is creating.
+MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags"}
 
 
 class SweepError(RuntimeError):
@@ -173,8 +177,22 @@ def _check_sqlite_file(path: Path, where: str, timeout: float) -> None:
     except sqlite3.DatabaseError as err:
         raise SweepError(f"{where}: {path} is a corrupt SQLite database ({err})") from None
     if tables and "alembic_version" not in tables:
+        if tables >= MLFLOW_TABLES and _stamped_within(path, timeout):
+            return  # another process (a sweep, `make ui`) was creating the store just then
         raise SweepError(f"{where}: {path} is an SQLite database of something else (tables "
                          f"{', '.join(sorted(tables)[:5])}), not MLflow's")
+
+
+def _stamped_within(path: Path, seconds: float) -> bool:
+    """Whether MLflow's schema version (the table alembic_version, which MLflow writes once it has
+    made its tables) appears within `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        with contextlib.suppress(sqlite3.Error):
+            if "alembic_version" in _sqlite_tables(path, seconds):
+                return True
+    return False
 
 
 def _sqlite_tables(path: Path, timeout: float) -> set[str]:

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,37 @@ def other_db(path: Path) -> Path:
     connection.commit()
     connection.close()
     return path
+
+
+def test_a_store_another_process_is_creating_is_not_taken_for_something_else(tmp_path):
+    """MLflow makes its tables, then stamps its schema version: a sweep checking the store in
+    between (beside `make ui` or another sweep creating it) waits for the stamp. A store that is
+    never stamped is refused, as before."""
+    path = tmp_path / "mlflow.db"
+    connection = sqlite3.connect(path)
+    for table in ("experiments", "runs", "metrics", "params", "tags"):
+        connection.execute(f"CREATE TABLE {table} (id INTEGER)")
+    connection.commit()
+
+    connection.close()
+
+    def stamp():
+        time.sleep(0.5)
+        with sqlite3.connect(path) as other:
+            other.execute("CREATE TABLE alembic_version (version_num TEXT)")
+
+    stamping = threading.Thread(target=stamp)
+    stamping.start()
+    check_tracking(f"sqlite:///{path}", timeout=5.0)  # no error: it waited for the stamp
+    stamping.join()
+    never = tmp_path / "half.db"
+    connection = sqlite3.connect(never)
+    for table in ("experiments", "runs", "metrics", "params", "tags"):
+        connection.execute(f"CREATE TABLE {table} (id INTEGER)")
+    connection.commit()
+    connection.close()
+    with pytest.raises(SweepError, match="an SQLite database of something else"):
+        check_tracking(f"sqlite:///{never}", timeout=1.0)
 
 
 @pytest.mark.parametrize("uri,expected", [
