@@ -131,7 +131,7 @@ def refuse_open(runs: Runs, named: Iterable[str] = (), read_running: bool = Fals
     left = {sweep: n for sweep, n in counts.items() if drivers.get(sweep) is None}
     if left:
         raise OpenRuns(f"runs left open (RUNNING without a live driver): {_open(left)}; close them "
-                       f"with {REPAIR}")
+                       f"with {REPAIR} (STORAGE as the sweep had it)")
     live = {sweep: holder for sweep, holder in drivers.items() if holder is not None}
     named = set(named)
     for sweep, holder in live.items():
