@@ -76,7 +76,7 @@ from mlflow import MlflowClient
 
 from study.names import EPOCH_METRICS, FINAL_METRICS
 from sweeps.spec import load_spec
-from sweeps.trainable import StudyTrial, peak_rss_mb
+from sweeps.trainable import SCORE, StudyTrial, peak_rss_mb
 
 STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_state-*.json",
                "basic-variant-state-*.json", "callback-states-*.pkl", "tuner.pkl")
@@ -161,7 +161,8 @@ class InstantTrial(StudyTrial):
         epoch = len(self.history) + 1
         metrics = made_up_metrics(epoch, self.spec.epochs, self.rng)
         self.history.append(metrics)
-        return {**metrics, "trial/placement": self.placement, "done": epoch >= self.spec.epochs,
+        return {**metrics, SCORE: metrics[self.spec.metric], "trial/placement": self.placement,
+                "done": epoch >= self.spec.epochs,
                 "trial/gpu_share": str(self.spec.resources.gpus), "worker/peak_rss_mb": peak_rss_mb()}
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
