@@ -98,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
     from sweeps import interrupt, launch  # Ray is imported only for a valid spec
+    from sweeps.settings import Interrupted
 
     try:
         results = launch.run(specs[0], launch.Settings.from_env(), resume_command(args))
-    except launch.Interrupted as err:
+    except Interrupted as err:
         print(f"{err} ({resume_command(args)})", file=sys.stderr)
         return interrupt.exit_status()
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ _graceful: Callable[[], None] | None = None  # Ray Tune's stop, while its loop r
 _at_once: Callable[[], str] | None = None  # closes the record without Ray; its last line
 _stopping = threading.Lock()
 _resume = ""  # the command that resumes the sweep, for the last line
+_leaving: Callable[[], None] | None = None  # stops what the driver started (a local Ray)
 
 
 def install(resume: str = "") -> None:
@@ -62,10 +63,16 @@ def while_running(graceful: Callable[[], None] | None) -> None:
 
 
 def on_stop_at_once(close: Callable[[], str] | None) -> None:
-    """Once the record is open: `close()` closes it without Ray, stops what the driver started,
-    and returns the end of the line to print."""
+    """Once the record is open: `close()` closes it without Ray and returns the end of the line
+    to print."""
     global _at_once
     _at_once = close
+
+
+def on_leaving(stop: Callable[[], None]) -> None:
+    """`stop()` ends what the driver started (its local Ray cluster) when it stops at once."""
+    global _leaving
+    _leaving = stop
 
 
 def handler(signum, frame) -> None:
@@ -117,6 +124,9 @@ def _close_and_exit(why: str) -> None:
 
 def _leave(line: str) -> None:
     say(f"{line} ({_resume})" if _resume else line)
+    if _leaving is not None:
+        with contextlib.suppress(Exception):
+            _leaving()
     os._exit(exit_status())
 
 

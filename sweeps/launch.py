@@ -20,8 +20,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import ray
@@ -38,43 +36,12 @@ from sweeps.preflight import (
     check_tracking,
     error_line,
 )
+from sweeps.settings import Settings
 from sweeps.spec import SweepSpec
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 # What `ray.init` of a local cluster imports lazily (its usage statistics, its dashboard's optional
 # dependencies, its CLI helpers) that the tuning side imports as well (Ray 2.60, MLflow 3.17).
 RAY_INIT_IMPORTS = ("ray._common.usage.usage_lib", "ray.dashboard.optional_deps", "click")
-
-
-@dataclass(frozen=True)
-class Settings:
-    storage: str  # Ray Tune storage: a local or shared path, or s3://bucket/prefix[?endpoint_override=...]
-    tracking_uri: str
-    artifact_root: Path | None  # for a local tracking store; a server chooses its own
-    optuna_storage: str | None = None  # the searcher's study (RDB URL); None: in memory
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        """STORAGE, MLFLOW_TRACKING_URI and OPTUNA_STORAGE, defaulting to runs/ray, runs/mlflow.db
-        and runs/optuna.db here; a local SQLite store keeps its artifacts in mlartifacts/ and the
-        Optuna studies in optuna.db beside it. With a tracking server, OPTUNA_STORAGE names the
-        studies' database (the server's PostgreSQL: `make mlflow-server` prints it)."""
-        storage = os.environ.get("STORAGE") or str(PROJECT / "runs" / "ray")
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            (PROJECT / "runs").mkdir(exist_ok=True)
-            uri = f"sqlite:///{PROJECT / 'runs' / 'mlflow.db'}"
-        studies = os.environ.get("OPTUNA_STORAGE") or None
-        if uri.startswith("sqlite:///"):  # artifacts and studies beside a local store
-            folder = Path(uri.removeprefix("sqlite:///")).parent
-            return cls(storage, uri, folder / "mlartifacts",
-                       studies or f"sqlite:///{folder / 'optuna.db'}")
-        return cls(storage, uri, None, studies)
-
-
-class Interrupted(SweepError):
-    """SIGINT or SIGTERM stopped the sweep; the record was closed as KILLED (exit 128 + signal)."""
 
 
 recording = False  # whether this driver has begun writing to the tracking store
@@ -153,6 +120,7 @@ def start_ray() -> float | None:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _started_here = True
+            interrupt.on_leaving(kill_local_ray)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"Ray cluster at {address or 'local'} is unreachable: "
                          f"{error_line(str(err))}") from err

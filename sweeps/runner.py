@@ -16,10 +16,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from sweeps import interrupt, tracking
-from sweeps.launch import Interrupted, Settings, kill_local_ray
 from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, error_line, storage_join
 from sweeps.progress import Progress
+from sweeps.settings import Interrupted, Settings
 from sweeps.space import DefineByRun, Repeats, StudySearch, sampler, study_storage
 from sweeps.spec import SweepSpec
 from sweeps.trainable import SCORE, TIME_ATTR, StudyTrial, ray_keeps
@@ -124,8 +124,7 @@ def flush_deadline() -> float:
 def close_at_once(client, exp_id: str, spec: SweepSpec, parent: str) -> str:
     """The record closed without Ray (a second signal, SIGQUIT, or a graceful stop past its
     deadline): the MLflow writer given up, every run of the sweep still RUNNING closed KILLED with
-    the tags its history gives, then a local Ray cluster killed; the end of the driver's last
-    line."""
+    the tags its history gives; the end of the driver's last line."""
     tracker = tracking.active_tracker()
     left = []
     if tracker is not None:
@@ -134,7 +133,6 @@ def close_at_once(client, exp_id: str, spec: SweepSpec, parent: str) -> str:
         left = [what for what, _ in tracker.writer.queue]
     closed = tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial")
     client.set_terminated(parent, status="KILLED")
-    kill_local_ray()
     note = (f", without {len(left)} MLflow writes ({tracking.describe_left(left)})" if left else "")
     return (f"the sweep and {closed} trial runs still open are marked KILLED{note}; run the same "
             "command to resume")

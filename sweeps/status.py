@@ -114,7 +114,7 @@ def main(specs: list[str], size: str = "", repair: bool = False) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from sweeps.launch import Settings  # (imports Ray, which starts nothing)
+    from sweeps.settings import Settings
 
     settings = Settings.from_env()
     uri, storage = settings.tracking_uri, settings.storage

@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from study import data
-from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
+from sweeps.preflight import MLFLOW_TABLES, SweepError, check_ray, check_storage, check_tracking
 
 from .conftest import ROOT
 from .sweep_helpers import edit_spec
@@ -338,17 +338,19 @@ def other_db(path: Path) -> Path:
     return path
 
 
+def unstamped_mlflow_store(path: Path) -> Path:
+    """An SQLite file with MLflow's tables but not yet its schema version (MLflow mid-creation)."""
+    with sqlite3.connect(path) as connection:
+        for table in MLFLOW_TABLES:
+            connection.execute(f"CREATE TABLE {table} (id INTEGER)")
+    return path
+
+
 def test_a_store_another_process_is_creating_is_not_taken_for_something_else(tmp_path):
     """MLflow makes its tables, then stamps its schema version: a sweep checking the store in
     between (beside `make ui` or another sweep creating it) waits for the stamp. A store that is
     never stamped is refused, as before."""
-    path = tmp_path / "mlflow.db"
-    connection = sqlite3.connect(path)
-    for table in ("experiments", "runs", "metrics", "params", "tags"):
-        connection.execute(f"CREATE TABLE {table} (id INTEGER)")
-    connection.commit()
-
-    connection.close()
+    path = unstamped_mlflow_store(tmp_path / "mlflow.db")
 
     def stamp():
         time.sleep(0.5)
@@ -359,12 +361,7 @@ def test_a_store_another_process_is_creating_is_not_taken_for_something_else(tmp
     stamping.start()
     check_tracking(f"sqlite:///{path}", timeout=5.0)  # no error: it waited for the stamp
     stamping.join()
-    never = tmp_path / "half.db"
-    connection = sqlite3.connect(never)
-    for table in ("experiments", "runs", "metrics", "params", "tags"):
-        connection.execute(f"CREATE TABLE {table} (id INTEGER)")
-    connection.commit()
-    connection.close()
+    never = unstamped_mlflow_store(tmp_path / "half.db")
     with pytest.raises(SweepError, match="an SQLite database of something else"):
         check_tracking(f"sqlite:///{never}", timeout=1.0)
 
