@@ -97,7 +97,9 @@ CASES += [(signal.SIGTERM, "second signal"), (signal.SIGTERM, "cluster dies with
                          ids=[f"{signal.Signals(s).name}-{how.replace(' ', '-')}" for s, how in CASES])
 def test_a_stopped_sweep_leaves_a_true_record_in_bounded_time_and_resumes(signum, how, tmp_path):
     path = tmp_path / "stop.yaml"
-    path.write_text(SLOW_TRIALS.format(name="stop", epochs=5, samples=2))
+    # 12 epochs: both trials are still training when the signal lands 2 logged epochs in (with 5,
+    # a fast epoch could let them end first, leaving nothing to cut short)
+    path.write_text(SLOW_TRIALS.format(name="stop", epochs=12, samples=2))
     spec, env = load_spec(path), sweep_env(tmp_path)
     if how == "terminal closed":
         proc, hang_up = sweep_on_terminal(path, env)
