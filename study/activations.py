@@ -10,14 +10,17 @@ With x the pre-activation, s > 0 the slope, c >= 1 the saturation (cutoff) and p
                y = B * hard(z) + (1 - B) * sat(z)
                dy/dx := g(z), whatever B was (a straight-through estimator), with g the surrogate:
                  "sigmoid"       g = sat'(z) = c s sigmoid(s z) (1 - sigmoid(s z)) where |z| < T, else 0
-                 "ste"           g = 1[|z| <= 1]            (larq SteHeaviside)
-                 "hard_sigmoid"  g = 0.5 * 1[|z| <= 1]      (BNN binary sigmoid, Courbariaux et al. 2016)
+                 "ste"           g = 1[|z| <= 1]            (larq SteHeaviside; BNN's hard-tanh STE)
+                 "hard_sigmoid"  g = 0.5 * 1[|z| <= 1]      (the derivative of clip((z + 1) / 2, 0, 1):
+                                 the STE times 1/2, which Adam's update divides out up to its epsilon,
+                                 so under Adam it trains as the STE does; not a method of its own)
     evaluation: y = hard(x) (eval_mode "binary") or sat(x) (eval_mode "soft"); no noise, no coin.
 
 T = ln((c + 1) / (c - 1)) / s is where sat saturates (ln 11 = 2.398 for c = 1.2, s = 1; infinite for
 c = 1). p = 0 is an ordinary saturating-sigmoid unit, p = 1 a deterministic sigmoid-adjusted
-straight-through estimator. With surrogate "ste" or "hard_sigmoid" and p = 1 the op is exactly the larq
-and BNN quantizer; with p < 1 their soft branch is still sat(z).
+straight-through estimator. With surrogate "ste" and p = 1 the op is exactly larq's SteHeaviside (the
+straight-through estimator of Courbariaux et al. 2016, on 0/1 outputs); with p < 1 its soft branch is
+still sat(z).
 
 Implementation: on CPU, for float32 and outside XLA, the training branch is one fused kernel forward
 (noise, coin, sat and hard in one pass, the draws taken inside it from the Keras seeds) and one fused

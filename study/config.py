@@ -76,6 +76,9 @@ class OptimConfig:
     name: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-3
     momentum: float = 0.9  # sgd only
+    # "cosine": lr * (1 + cos(pi * t / T)) / 2 at step t of T = budget.epochs x steps per epoch (the
+    # whole budget, whether or not a plateau ends the trial sooner); "constant": lr throughout
+    schedule: Literal["constant", "cosine"] = "constant"
 
 
 @dataclass(frozen=True)

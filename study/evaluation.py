@@ -4,7 +4,10 @@ For the pre-activations x of all N examples and U units (binary code b = 1[x > 0
 
     ones_fraction      = mean(b)
     bit_entropy        = mean_u H(q_u), q_u = mean_n b[n, u], H(q) = -q log2 q - (1 - q) log2(1 - q)
-    saturated_fraction = mean(g(x) < 0.01 * max g), g the surrogate gradient (sigmoid_or_binary only)
+    saturated_fraction = mean(|s x| >= ln 11), s the slope (sigmoid_or_binary only): one definition
+                         for every surrogate, where the paper's unit (c = 1.2) clips to 0 or 1, so
+                         rows of different surrogates compare (with c = 1.2 and the sigmoid
+                         surrogate it is exactly where no gradient flows; the STE's window is |x| <= 1)
     flip_rate          = mean(b != b_previous) on the first `probe` examples, b_previous the codes at
                          the previous call (the previous epoch)
 """
@@ -19,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from study import fused
-from study.activations import saturation_threshold, surrogate_gradient
+from study.activations import saturation_threshold
 from study.config import ActivationConfig
 from study.models import Network
 
@@ -84,12 +87,12 @@ class Evaluator:
 
 
 def _code_stats(parts: list[tf.Tensor], a: ActivationConfig) -> tuple[tf.Tensor, tf.Tensor]:
-    """Ones per unit and how many units are saturated (0 but for sigmoid_or_binary) of the
-    pre-activations `parts` ([N, U_k] each, side by side): one pass over each with the fused
-    kernel where the saturation is a bound on |x| (`_saturation_rule`), else TensorFlow ops."""
-    rule = _saturation_rule(a) if a.kind == "sigmoid_or_binary" else ("lt", math.inf)
-    if rule and fused.usable(parts[0]):
-        stats = [fused.ops().study_code_stats(p, inside=rule[0], bound=rule[1]) for p in parts]
+    """Ones per unit and how many units are saturated (|x| >= `saturation_bound`; 0 but for
+    sigmoid_or_binary) of the pre-activations `parts` ([N, U_k] each, side by side): one pass over
+    each with the fused kernel, else TensorFlow ops."""
+    bound = saturation_bound(a) if a.kind == "sigmoid_or_binary" else math.inf
+    if fused.usable(parts[0]):
+        stats = [fused.ops().study_code_stats(p, inside="lt", bound=bound) for p in parts]
         saturated = tf.add_n([outside for _, outside in stats])
         return (tf.concat([ones for ones, _ in stats], 0),
                 tf.cast(saturated, tf.int32) if a.kind == "sigmoid_or_binary" else tf.constant(0))
@@ -97,9 +100,7 @@ def _code_stats(parts: list[tf.Tensor], a: ActivationConfig) -> tuple[tf.Tensor,
     ones = tf.reduce_sum(tf.cast(pre > 0, tf.float32), axis=0)
     if a.kind != "sigmoid_or_binary":
         return ones, tf.constant(0)
-    g = surrogate_gradient(pre, slope=a.slope, cutoff=a.cutoff, surrogate=a.surrogate)
-    peak = {"sigmoid": a.slope * a.cutoff / 4, "ste": 1.0, "hard_sigmoid": 0.5}[a.surrogate]
-    return ones, tf.reduce_sum(tf.cast(g < 0.01 * peak, tf.int32))
+    return ones, tf.reduce_sum(tf.cast(tf.abs(pre) >= bound, tf.int32))
 
 
 def _with_parts(evaluator: keras.Model) -> keras.Model:
@@ -113,19 +114,10 @@ def _with_parts(evaluator: keras.Model) -> keras.Model:
     return evaluator
 
 
-def _saturation_rule(a: ActivationConfig) -> tuple[str, float] | None:
-    """When "g(x) < 0.01 max g" (g the surrogate gradient) is "|x| < bound" (or "<=") false.
-
-    "ste" and "hard_sigmoid": g is 1 or 1/2 where |x| <= 1 and 0 elsewhere. "sigmoid" with
-    100 (c^2 - 1) > 3 c^2 (c > 1.016): g = c s sig (1 - sig) where |x| < T, at least
-    c s (c^2 - 1) / (4 c^2), over 3% of its peak c s / 4, and 0 elsewhere. Otherwise (c near 1) None:
-    the count needs g itself.
-    """
-    if a.surrogate != "sigmoid":
-        return "le", 1.0
-    if 100 * (a.cutoff**2 - 1) > 3 * a.cutoff**2:
-        return "lt", saturation_threshold(a.slope, a.cutoff)
-    return None
+def saturation_bound(a: ActivationConfig) -> float:
+    """ln(11) / s: the |x| from which a unit counts as saturated, whatever its surrogate and cutoff
+    (`saturation_threshold` of the paper's c = 1.2 at the unit's slope)."""
+    return saturation_threshold(a.slope, 1.2)
 
 
 def _binary_entropy(q: np.ndarray) -> np.ndarray:

@@ -80,7 +80,8 @@ class Trainer:
             self.network = build_network(config.model, config.activation, data.input_shape,
                                          data.num_classes, seed=config.seed)
             self.network.model.compile(
-                optimizer=make_optimizer(config.optim),
+                optimizer=make_optimizer(config.optim, config.budget.epochs * math.ceil(
+                    len(data.x_train) / config.budget.batch_size)),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"],
                 jit_compile=config.runtime.jit_compile,
@@ -248,10 +249,13 @@ def train(
         trainer.close()
 
 
-def make_optimizer(cfg: OptimConfig) -> keras.optimizers.Optimizer:
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> keras.optimizers.Optimizer:
+    """Adam or SGD at `cfg.lr`, constant or decayed to 0 along a cosine over `total_steps`."""
+    lr = (keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=total_steps)
+          if cfg.schedule == "cosine" else cfg.lr)
     if cfg.name == "sgd":
-        return keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum)
-    return keras.optimizers.Adam(cfg.lr)
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    return keras.optimizers.Adam(lr)
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray, scale: float) -> tuple[tf.Tensor, tf.Tensor]:

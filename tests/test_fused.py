@@ -2,6 +2,7 @@
 TensorFlow ops (`study.fused.disabled()`), the draws against keras.random, and the fallbacks."""
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -297,7 +298,7 @@ def test_code_stats_counts_like_numpy(inside, bound):
 
 @pytest.mark.parametrize("arch,activation", [
     ("cnn", ActivationConfig(p=0.5, cutoff=1.2)),
-    ("mlp", ActivationConfig(p=0.5)),  # c = 1: the saturated count needs the surrogate itself
+    ("mlp", ActivationConfig(p=0.5)),  # c = 1: saturated all the same at |x| >= ln 11
     ("mlp", ActivationConfig(p=0.5, cutoff=1.01, slope=2.0)),
     ("gated", ActivationConfig(p=1.0, surrogate="ste", eval_mode="soft")),
     ("bottleneck", ActivationConfig(p=0.5, cutoff=1.2, noise_std=1.0, surrogate="hard_sigmoid")),
@@ -322,6 +323,28 @@ def test_evaluation_numbers_are_those_of_the_tensorflow_ops(arch, activation):
     assert "act/flip_rate" in stats
     if activation.kind == "sigmoid_or_binary":
         assert 0 < stats["act/saturated_fraction"] < 1
+
+
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_saturation_is_one_bound_on_the_slope_scaled_input_for_every_surrogate(use_fused):
+    """|s x| >= ln 11 whatever the surrogate and cutoff: the same network, evaluated as a sigmoid-,
+    STE- or hard_sigmoid-trained unit (or at another cutoff), reports the same fraction."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (500, 8, 8, 1)).astype(np.uint8)
+    y = rng.integers(0, 10, 500).astype(np.int32)
+    keras.utils.set_random_seed(0)
+    base = ActivationConfig(p=0.5, slope=2.0, cutoff=1.2)
+    network = build_network(ModelConfig(arch="mlp", widths=(48, 24)), base, (8, 8, 1), 10)
+    pre = np.concatenate([np.reshape(t, (500, -1)) for t in
+                          _with_parts(network.evaluator)(x * 4 / 64.0)[2:]], 1)
+    expected = float(np.mean(np.abs(2.0 * pre) >= np.log(11)))
+    assert 0.05 < expected < 0.95
+    with path(use_fused):
+        seen = {(surrogate, cutoff): Evaluator(network, dataclasses.replace(
+                    base, surrogate=surrogate, cutoff=cutoff))(x * 4, y, 1 / 64)
+                .diagnostics["act/saturated_fraction"]
+                for surrogate in ("sigmoid", "ste", "hard_sigmoid") for cutoff in (1.0, 1.2, 2.0)}
+    assert list(seen.values()) == [pytest.approx(expected)] * len(seen)
 
 
 def test_a_missing_stale_or_broken_library_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):

@@ -82,6 +82,28 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     assert resumed.test == unbroken.test
 
 
+def test_a_cosine_schedule_decays_over_the_whole_budget_and_resumes_exactly(tmp_path):
+    config = small(**{"optim.lr": 0.01, "optim.schedule": "cosine"})
+    rates = []
+
+    def look(epoch, metrics, trainer):
+        optimizer = trainer.network.model.optimizer
+        rates.append(float(optimizer.learning_rate))
+        steps = int(optimizer.iterations)
+        total = 3 * steps // epoch
+        assert rates[-1] == pytest.approx(0.01 * (1 + np.cos(np.pi * steps / total)) / 2, rel=1e-5)
+        if epoch == 1:
+            trainer.save(tmp_path / "ckpt")
+
+    unbroken = train(config, callbacks=[look])
+    assert rates[0] < 0.01 and rates[-1] == pytest.approx(0, abs=1e-9)
+    resumed = train(config, resume_from=tmp_path / "ckpt")
+    assert ([h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in unbroken.history]
+            and resumed.test == unbroken.test)
+    constant = train(small(**{"optim.lr": 0.01}))
+    assert constant.history[-1]["train/loss"] != unbroken.history[-1]["train/loss"]
+
+
 def test_best_epoch_is_the_first_of_the_highest_value():
     history = [{"m": v} for v in (0.5, 0.7, 0.6, 0.7, 0.65)]
     assert best_epoch(history, "m") == 2 and best_epoch([], "m") == 0
