@@ -209,15 +209,16 @@ class SweepSpec:
         return sum(points for *_, points in settings) * len(self.seeds)
 
     def meaning(self) -> dict[str, Any]:
-        """What the sweep does, as JSON-ready data: the fixed settings as the full trial config
-        (a key set to its default is the same as one left out), numbers by value (1 is 1.0), the
+        """What the sweep does, as JSON-ready data: the fixed settings as the trial config's keys
+        that differ from their defaults (a key set to its default is the same as one left out, and
+        a key the config gains later leaves the ids of existing specs alone), numbers by value (1 is 1.0), the
         order of space entries kept (`when` refers to earlier ones), every other order dropped.
         The size is `smoke` (true or false), plus `size` for the other named sizes: the digests
         of specs as written and at smoke size are those from before sizes had names."""
         size = {"size": self.size} if self.size not in ("", "smoke") else {}
         return _canonical({
             "name": self.name, "smoke": self.smoke, **size, "metric": self.metric, "mode": self.mode,
-            "fixed": TrialConfig.from_flat(self.fixed).to_flat(),
+            "fixed": _non_default(TrialConfig.from_flat(self.fixed).to_flat()),
             "space": [[d.key, d.distribution, d.values, sorted([k, sorted(map(_json, v))]
                                                                for k, v in d.when)]
                       for d in self.space],
@@ -812,6 +813,13 @@ def _known_keys(raw: Mapping, allowed, prefix: str, fail) -> None:
 
 def _is_number(value: Any) -> bool:
     return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _non_default(flat: dict[str, Any]) -> dict[str, Any]:
+    """The items of a flat trial config that differ from the default config's (keys the default
+    config leaves out, such as a CNN's filters, count as differing)."""
+    default = TrialConfig().to_flat()
+    return {k: v for k, v in flat.items() if k not in default or _json(default[k]) != _json(v)}
 
 
 def _canonical(value: Any) -> Any:
