@@ -8,9 +8,8 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.runs import Runs
-from analysis.tables import finished, ran_to_end
+from analysis.tables import SELECTION, finished, ran_to_end
 
-SELECTION = "metrics.val/accuracy_binary"
 # Ends of a parameter's valid range: a best value there cannot be searched beyond.
 LIMITS = {"params.activation.p": (0.0, 1.0), "params.activation.cutoff": (1.0, None),
           "params.activation.noise_std": (0.0, None), "params.activation.p_ramp_steps": (0, None)}

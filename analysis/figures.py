@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.runs import Runs  # noqa: E402
-from analysis.tables import ARCH_ORDER, finished  # noqa: E402
+from analysis.tables import ARCH_ORDER, SELECTION, finished  # noqa: E402
 
 BINARY = "metrics.test/accuracy_binary"
 PNG = {"dpi": 110, "metadata": {"Software": None}}  # no version string: identical bytes across runs
@@ -30,6 +30,15 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, **PNG)
     plt.close(fig)
     return path
+
+
+def _best_on_validation(part: pd.DataFrame, keys, nuisance: list[str], metric: str) -> pd.Series:
+    """Per value of `keys`: the mean of `metric` over seeds at the nuisance setting with the best
+    mean `SELECTION`."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    means = part.groupby([*keys, *nuisance])[[SELECTION, metric]].mean().reset_index()
+    best = means.loc[means.groupby(keys)[SELECTION].idxmax()]
+    return best.set_index(keys)[metric]
 
 
 def axis_plots(runs: Runs, params: list[str], path: Path, metric: str = BINARY) -> Path:
@@ -49,16 +58,16 @@ def axis_plots(runs: Runs, params: list[str], path: Path, metric: str = BINARY) 
 
 
 def isolation_plot(runs: Runs, scientific: str, path: Path, metric: str = BINARY) -> Path:
-    """For each value of the scientific parameter: the best mean (over seeds) across all the other
-    (nuisance) parameters, one line per architecture."""
+    """For each value of the scientific parameter: the mean (over seeds) of `metric` at the setting
+    of all the other (nuisance) parameters that is best on validation (`SELECTION`), one line per
+    architecture."""
     full = finished(runs)
     nuisance = [c for c in ("params.activation.p", "params.activation.slope",
                             "params.activation.cutoff") if c != f"params.{scientific}"]
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     for arch in _archs(full):
         part = full[full["params.model.arch"] == arch]
-        means = part.groupby([f"params.{scientific}", *nuisance])[metric].mean()
-        best = means.groupby(level=0).max()
+        best = _best_on_validation(part, f"params.{scientific}", nuisance, metric)
         ax.plot(best.index, best.values, marker="o", label=arch)
     ax.set_xlabel(scientific)
     ax.set_ylabel(f"best {metric.removeprefix('metrics.')}")
@@ -70,15 +79,15 @@ def isolation_plot(runs: Runs, scientific: str, path: Path, metric: str = BINARY
 
 
 def heatmap(runs: Runs, path: Path, metric: str = BINARY) -> Path:
-    """Binary-eval accuracy over p x slope, one panel per architecture (best over cutoff)."""
+    """Binary-eval accuracy over p x slope, one panel per architecture (at the cutoff best on
+    validation)."""
     full = finished(runs)
     archs = _archs(full)
     fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3.2), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
         part = full[full["params.model.arch"] == arch]
-        grid = (part.groupby(["params.activation.p", "params.activation.slope",
-                              "params.activation.cutoff"])[metric].mean()
-                .groupby(level=[0, 1]).max().unstack())
+        grid = _best_on_validation(part, ["params.activation.p", "params.activation.slope"],
+                                   ["params.activation.cutoff"], metric).unstack()
         image = ax.imshow(grid.values, origin="lower", aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(grid.columns)), [f"{s:g}" for s in grid.columns])
         ax.set_yticks(range(len(grid.index)), [f"{p:g}" for p in grid.index])
@@ -109,18 +118,21 @@ def gap_against_p(runs: Runs, path: Path) -> Path:
 
 
 def learning_curves(runs: Runs, path: Path, by: str = "tags.trial.variant", top: int = 3) -> Path:
-    """val/accuracy_binary per epoch of the `top` best finished trials of each architecture."""
+    """val/accuracy_binary per epoch of the `top` best trials of each architecture (by `SELECTION`),
+    the tested epoch of each marked."""
     full = finished(runs)
     archs = _archs(full)
     fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3), squeeze=False)
     curves = runs.history[runs.history["key"] == "val/accuracy_binary"]
     for ax, arch in zip(axes[0], archs, strict=True):
-        part = full[full["params.model.arch"] == arch].nlargest(top, "metrics.val/accuracy_binary")
+        part = full[full["params.model.arch"] == arch].nlargest(top, SELECTION)
         for _, trial in part.iterrows():
             curve = curves[curves["run_id"] == trial["run_id"]].sort_values("step")
             label = f"{trial.get(by, '')} seed {trial['params.seed']:g}".strip()
-            ax.plot(curve["step"], curve["value"], marker=".", label=label)
-        ax.set_title(arch, fontsize=9)
+            [line] = ax.plot(curve["step"], curve["value"], marker=".", label=label)
+            ax.plot([trial["metrics.test/epoch"]], [trial[SELECTION]], marker="o", ms=7,
+                    mfc="none", color=line.get_color())
+        ax.set_title(f"{arch} (circled: the tested epoch)", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val binary-eval accuracy")
         ax.legend(fontsize=6)

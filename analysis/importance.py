@@ -1,14 +1,15 @@
-"""Which swept parameters matter: Optuna's fANOVA on the finished, full-budget trials (validation
-binary-eval accuracy; seeded, so the numbers are reproducible)."""
+"""Which swept parameters matter: Optuna's fANOVA on the trials that ran to their end (validation
+binary-eval accuracy of the tested weights, `tables.SELECTION`; seeded, so the numbers are
+reproducible)."""
 
 from __future__ import annotations
 
 import optuna
 import pandas as pd
 
-from analysis.checks import SELECTION, swept
+from analysis.checks import swept
 from analysis.runs import Runs
-from analysis.tables import finished
+from analysis.tables import SELECTION, finished
 
 
 def importances(runs: Runs) -> dict[str, float]:
@@ -39,5 +40,5 @@ def importance_lines(runs: Runs) -> list[str]:
     if not scores:
         return [f"{name}: too few finished trials or swept parameters for fANOVA"]
     ranked = pd.Series(scores).sort_values(ascending=False)
-    return [f"{name}: fANOVA importance for val/accuracy_binary: "
+    return [f"{name}: fANOVA importance for val/accuracy_binary at the tested epoch: "
             + ", ".join(f"{k} {v:.2f}" for k, v in ranked.items())]

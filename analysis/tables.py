@@ -16,9 +16,16 @@ from pandas.io.formats.style_render import _escape_latex
 from scipy import stats
 
 from analysis.runs import Runs
-from study.names import FINAL_METRICS
+from study.names import FINAL_METRICS, TEST_EPOCH
 
 ARCH_ORDER = ("mlp", "cnn", "gated", "bottleneck")
+# A trial is judged, everywhere (best cells, checks, importance, curves, diagnostics), at the epoch
+# whose weights were tested (metrics.test/epoch: with a patience the best by its monitor, else the
+# last), never at its last logged epoch: `finished` adds TESTED + key for every key in AT_TEST.
+TESTED = "tested."
+AT_TEST = ("val/accuracy_binary", "val/accuracy_soft", "act/saturated_fraction", "act/ones_fraction",
+           "act/bit_entropy", "act/flip_rate")
+SELECTION = TESTED + "val/accuracy_binary"  # validation binary accuracy of the tested weights
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,8 @@ def ran_to_end(runs: Runs) -> pd.Series:
     """Per trial (aligned with `runs.trials`): whether it ended by its own rule, by its own record
     whatever its tags or its history of interruptions say: not FAILED, both test metrics, and
     `train/loss` in its history at every epoch 1..E of its last epoch E, where E is
-    params.budget.epochs or, with a patience (params.budget.patience > 0), fewer (a plateau)."""
+    params.budget.epochs or, with a patience (params.budget.patience > 0), fewer (a plateau), and
+    the test metrics with the epoch they were taken at (`study.names.TEST_EPOCH`)."""
     trials = runs.trials
     loss = runs.history[runs.history["key"] == "train/loss"]
     budget = trials.set_index("run_id")["params.budget.epochs"]
@@ -103,14 +111,28 @@ def ran_to_end(runs: Runs) -> pd.Series:
     last = trials["run_id"].map(loss.groupby("run_id")["step"].max())
     patience = trials.get("params.budget.patience", pd.Series(0, index=trials.index)).fillna(0)
     whole = (epochs == trials["params.budget.epochs"]) | ((patience > 0) & (epochs == last))
-    tested = trials.reindex(columns=[f"metrics.{m}" for m in FINAL_METRICS]).notna().all(axis=1)
+    tested = trials.reindex(columns=[f"metrics.{m}" for m in (*FINAL_METRICS, TEST_EPOCH)]
+                            ).notna().all(axis=1)
     return (trials["status"] != "FAILED") & whole & tested
 
 
 def finished(runs: Runs) -> pd.DataFrame:
-    """The trials that ended by their own rule (`ran_to_end`), with their test gap (soft - binary)."""
+    """The trials that ended by their own rule (`ran_to_end`), with their test gap (soft - binary)
+    and, as TESTED + key, each AT_TEST key's value at the tested epoch (`at_tested_epoch`)."""
     full = runs.trials[ran_to_end(runs)]
-    return full.assign(gap=full["metrics.test/accuracy_soft"] - full["metrics.test/accuracy_binary"])
+    tested = at_tested_epoch(Runs(full, runs.parents, runs.history), AT_TEST)
+    full = full.assign(gap=full["metrics.test/accuracy_soft"] - full["metrics.test/accuracy_binary"])
+    return full.assign(**{TESTED + key: full["run_id"].map(tested[key]) if key in tested
+                          else float("nan") for key in AT_TEST})
+
+
+def at_tested_epoch(runs: Runs, keys: tuple[str, ...]) -> pd.DataFrame:
+    """Per trial (index run_id): each history key at step metrics.test/epoch, the epoch whose weights
+    were tested; a column per key found."""
+    tested = runs.trials.set_index("run_id")[f"metrics.{TEST_EPOCH}"]
+    history = runs.history[runs.history["key"].isin(keys)]
+    history = history[history["step"] == history["run_id"].map(tested)]
+    return history.pivot_table(index="run_id", columns="key", values="value", aggfunc="last")
 
 
 def by_setting(trials: pd.DataFrame, metrics: dict[str, str]) -> pd.DataFrame:
@@ -198,10 +220,10 @@ def grid_tables(runs: Runs, name: str, metric: str, what: str) -> list[Table]:
 
 
 def best_table(runs: Runs, name: str, title: str, keys: list[str]) -> Table:
-    """Per architecture, the setting of `keys` with the best mean validation binary accuracy (the
-    selection never sees the test set), and its test scores."""
+    """Per architecture, the setting of `keys` with the best mean validation binary accuracy of the
+    tested weights (`SELECTION`; the selection never sees the test set), and its test scores."""
     full = finished(runs)
-    metrics = {"val": "metrics.val/accuracy_binary", **ACCURACY}
+    metrics = {"val": SELECTION, **ACCURACY}
     agg = aggregate(full, ["params.model.arch", *keys], metrics)
     best = agg.loc[agg.groupby("params.model.arch", sort=False)["val.mean"].idxmax()]
     best = _ordered(best, "params.model.arch", ARCH_ORDER)
@@ -215,9 +237,10 @@ def best_table(runs: Runs, name: str, title: str, keys: list[str]) -> Table:
 
 
 def diagnostics_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
-    """The activation diagnostics at the last epoch, mean +- std over seeds."""
-    columns = {"saturated": "metrics.act/saturated_fraction", "ones": "metrics.act/ones_fraction",
-               "bit entropy": "metrics.act/bit_entropy", "flip rate": "metrics.act/flip_rate"}
+    """The activation diagnostics of the tested weights (on the validation set, at the tested
+    epoch), mean +- std over seeds; saturated: |s x| >= ln 11 (`study.evaluation`)."""
+    columns = {"saturated": TESTED + "act/saturated_fraction", "ones": TESTED + "act/ones_fraction",
+               "bit entropy": TESTED + "act/bit_entropy", "flip rate": TESTED + "act/flip_rate"}
     return _stat_table(runs, name, title, variants, columns, digits=3)
 
 
@@ -242,7 +265,7 @@ def cost_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
 def _stat_table(runs: Runs, name: str, title: str, variants: list[str], columns: dict[str, str],
                 digits: int) -> Table:
     full = finished(runs)
-    present = {k: v for k, v in columns.items() if v in full.columns}
+    present = {k: v for k, v in columns.items() if full[v].notna().any()}
     agg = aggregate(full, ["params.model.arch", "tags.trial.variant"], present)
     agg = _ordered(_ordered(agg, "tags.trial.variant", variants), "params.model.arch", ARCH_ORDER)
     frame = pd.DataFrame({"architecture": agg["params.model.arch"],

@@ -43,6 +43,7 @@ def trial(sweep, trial_id, status="FINISHED", epochs=BUDGET, tested=True, stoppe
     if tested:
         history += [(row["run_id"], key, epochs, 0.8 + seed / 100)
                     for key in ("test/accuracy_binary", "test/accuracy_soft")]
+        history.append((row["run_id"], "test/epoch", epochs, float(epochs)))
     row.update({f"metrics.{key}": value for _, key, _, value in history})  # the last value of each
     return row, history
 
