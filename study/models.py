@@ -5,6 +5,12 @@ the trainable model and, sharing its weights, an evaluator whose outputs are the
 such activation binarized (hard(x) = 1[x > 0]), the logits with every one soft, and the
 pre-activations of every unit, flattened side by side (for the diagnostics). For the full-precision
 baselines (sigmoid, ReLU) "binary" is the same network binarized after training.
+
+In the binary twin each such unit is hard(x - t): t is a per-unit threshold (per unit of a dense
+layer, per channel of a conv layer, shared over positions), one non-trainable tf.Variable per
+activation layer in `Network.thresholds`, 0 unless `study.calibration` sets it. The thresholds are
+no Keras weights (neither model's `weights` nor the model's checkpoint holds them) and the
+pre-activations reported are x, not x - t.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
+import tensorflow as tf
 
 from study.activations import SigmoidOrBinary, hard, saturating_sigmoid
 from study.config import ActivationConfig, ModelConfig
@@ -24,6 +31,7 @@ Act = Callable[[object], object]
 class Network:
     model: keras.Model  # trained; its own evaluation follows activation.eval_mode
     evaluator: keras.Model  # same weights: [binary logits, soft logits, pre-activations (N, units)]
+    thresholds: tuple[tf.Variable, ...] = ()  # the binary twin's t, one per activation layer, in order
 
 
 class _Reuse:
@@ -58,11 +66,13 @@ def build_network(
 
     logits = arch(inputs, model, num_classes, reuse, train_act)
 
-    pre_activations = []
+    pre_activations, thresholds = [], []
 
     def binary_act(x):
         pre_activations.append(x)
-        return keras.layers.Activation(hard)(x)
+        thresholds.append(tf.Variable(tf.zeros(x.shape[-1:]), trainable=False,
+                                      name=f"threshold_{len(thresholds)}"))
+        return HardAbove(thresholds[-1])(x)
 
     reuse.rewind()
     binary = arch(inputs, model, num_classes, reuse, binary_act)
@@ -73,7 +83,22 @@ def build_network(
     return Network(
         model=keras.Model(inputs, logits, name=model.arch),
         evaluator=keras.Model(inputs, [binary, soft, units], name=f"{model.arch}_eval"),
+        thresholds=tuple(thresholds),
     )
+
+
+class HardAbove(keras.layers.Layer):
+    """hard(x - t), t a threshold per last-axis unit held as a plain tf.Variable (no Keras weight)."""
+
+    def __init__(self, threshold: tf.Variable, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = threshold
+
+    def call(self, x):
+        return hard(x - self.threshold)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 def _trained_activation(cfg: ActivationConfig, seed: int) -> keras.layers.Layer:

@@ -14,5 +14,8 @@ EPOCH_METRICS = (
 FINAL_METRICS = ("test/accuracy_binary", "test/accuracy_soft")
 # the epoch whose weights the test metrics are of: the last, or with a patience the best by the monitor
 TEST_EPOCH = "test/epoch"
+# beside FINAL_METRICS, not in it (a run without it is not unfinished): the test binary accuracy with
+# the binary twin's thresholds recalibrated on the validation set (study.calibration)
+CALIBRATED = "test/accuracy_binary_calibrated"
 # constant per trial (per attempt, for the set-up time), reported every epoch
 TRIAL_CONSTANTS = ("model/params", "model/binary_units", "time/setup_s")

@@ -10,9 +10,11 @@ plateau: once the monitored validation accuracy (`budget.monitor`) has not impro
 i.e. epoch - best_epoch >= k, best_epoch the first epoch of the highest value. The last epoch's
 metrics then hold `test/accuracy_binary` and `test/accuracy_soft` and `test/epoch`, the epoch whose
 weights were tested: the last one, or with a patience the best one (its weights are kept aside as
-training goes on). A run stopped by a scheduler never carries a test score. `Trainer.save(folder)`
-writes a checkpoint that `Trainer.restore` (or `train(resume_from=...)`) continues from exactly:
-same weights (and best weights), optimiser, random state and data order as an unbroken run.
+training goes on), and `test/accuracy_binary_calibrated`, the same weights' binary accuracy with
+per-unit thresholds recalibrated on the validation set (`study.calibration`). A run stopped by a
+scheduler never carries a test score. `Trainer.save(folder)` writes a checkpoint that
+`Trainer.restore` (or `train(resume_from=...)`) continues from exactly: same weights (and best
+weights), optimiser, random state and data order as an unbroken run.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import tensorflow as tf
 
 from study import runtime
 from study.activations import forget_gradients, traced_gradients
+from study.calibration import calibrate, reset
 from study.config import OptimConfig, TrialConfig
 from study.data import Dataset, load
 from study.evaluation import Evaluator
 from study.models import build_network
-from study.names import TEST_EPOCH
+from study.names import CALIBRATED, TEST_EPOCH
 
 CHECKPOINT = "state"  # tf.train.Checkpoint's prefix in a checkpoint folder (state.index, state.data-*)
 
@@ -151,6 +154,12 @@ class Trainer:
             metrics["test/accuracy_binary"] = test.accuracy_binary
             metrics["test/accuracy_soft"] = test.accuracy_soft
             metrics[TEST_EPOCH] = self.best_epoch if self._best is not None else epoch
+            try:  # the same weights, thresholds recalibrated on the validation set, then 0 again
+                calibrate(self.network, self.config.activation, data.x_val, data.scale)
+                metrics[CALIBRATED] = self.evaluator(data.x_test, data.y_test, data.scale,
+                                                     diagnostics=False).accuracy_binary
+            finally:
+                reset(self.network)
         metrics["time/eval_s"] = time.perf_counter() - started - train_time
         return dict(metrics)
 

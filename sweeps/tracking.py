@@ -33,14 +33,14 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 
 from study.config import flat_to_strings
-from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
+from study.names import CALIBRATED, EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 from sweeps import ui
 from sweeps.preflight import error_line
 from sweeps.spec import SweepSpec
 from sweeps.trainable import SCORE
 
 log = logging.getLogger(__name__)
-LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS, SCORE,
+LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, CALIBRATED, *TRIAL_CONSTANTS, SCORE,
                   "trial/diverged", "worker/peak_rss_mb", "worker/gpu_peak_mb")
 LIBRARIES = ("tensorflow-cpu", "keras", "ray", "optuna", "mlflow", "numpy", "pandas")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from study.config import TrialConfig
-from study.names import EPOCH_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
+from study.names import CALIBRATED, EPOCH_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 from study.train import Trainer, TrialDiverged, best_epoch, train
 
 from .conftest import ROOT
@@ -29,7 +29,7 @@ def test_metrics_per_epoch_and_at_the_end():
     assert seen == [1, 2, 3] and [h["epoch"] for h in result.history] == [1, 2, 3]
     assert all(set(h) == PER_EPOCH for h in result.history[:-1])
     assert set(result.history[-1]) == PER_EPOCH | {"test/accuracy_binary", "test/accuracy_soft",
-                                                    TEST_EPOCH}
+                                                    TEST_EPOCH, CALIBRATED}
     for h in result.history:
         assert h["val/binary_gap"] == pytest.approx(h["val/accuracy_soft"] - h["val/accuracy_binary"])
         assert 0 <= h["act/ones_fraction"] <= 1 and 0 <= h["act/bit_entropy"] <= 1
@@ -39,7 +39,7 @@ def test_metrics_per_epoch_and_at_the_end():
     # 64 inputs -> 32 -> 16 -> 10 (weights and biases); 32 + 16 binary units
     assert result.history[0]["model/params"] == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
     assert result.history[0]["model/binary_units"] == 48
-    assert set(result.test) == {"test/accuracy_binary", "test/accuracy_soft", TEST_EPOCH}
+    assert set(result.test) == {"test/accuracy_binary", "test/accuracy_soft", TEST_EPOCH, CALIBRATED}
     assert result.test[TEST_EPOCH] == 3  # without a patience: the last epoch's weights
     assert json.loads(result.to_json())["config"]["activation.cutoff"] == 1.2
 
