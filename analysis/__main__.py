@@ -12,7 +12,7 @@ One sweep per experiment is read: the one named with `--sweep` (repeatable), els
 one; a line per experiment says which. Runs RUNNING are refused (exit 2, one line): those left open
 by a driver that is gone (`python -m sweeps status --repair` closes them), and those of a sweep still
 running (`tables` reads one when it is named with `--sweep`, and says so). `--size quick|smoke` reads
-the paper sweeps run at that size of their specs (experiments t1-main-quick, ...; `--smoke` is
+the paper sweeps run at that size of their specs (experiments t1-mlp-quick, ...; `--smoke` is
 `--size smoke`) and writes by default into runs/paper-SIZE (tables) and runs/paper-SIZE/runs
 (export), not the committed paper/; `--size full` (the default) is the specs as written.
 """
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--sweep", action="append", default=[], metavar="SWEEP_ID",
                          help="read this sweep of its experiment (default: the latest complete one)")
         sub.add_argument("--experiment", action="append", default=[], metavar="NAME",
-                         help="only this paper experiment (repeatable; default: all three), e.g. to "
+                         help="only this paper experiment (repeatable; default: all of them), e.g. to "
                               "export a spec's runs as soon as its sweep ends")
     args = parser.parse_args(argv)
     args.out = args.out or default_out(args.command, args.size)
 
     from analysis import paper, runs
 
-    names = list(paper.experiments(args.size).values())
+    names = paper.all_experiments(args.size)
     unknown = sorted(set(args.experiment) - set(names))
     if unknown:
         print(f"error: --experiment {', '.join(unknown)}: not a paper experiment at this size "
@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {len(loaded.trials)} trial runs of {', '.join(loaded.experiments)} "
               f"-> {args.out}")
         return 0
-    tables, pngs, notes = paper.build(loaded, args.out, size=args.size)
+    estimates = Path(source) / paper.ESTIMATOR  # T6's CSV, beside the exports it was read with
+    tables, pngs, notes = paper.build(loaded, args.out, size=args.size,
+                                      estimates=estimates if estimates.is_file() else None)
     if "://" in source:  # not on a sweep still running: its figures are not its final ones
         ended = loaded.parents[~loaded.parents["tags.sweep.id"].isin(loaded.running)]
         paper.log_figures(source, runs.Runs(loaded.trials, ended, loaded.history), pngs)

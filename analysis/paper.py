@@ -1,75 +1,103 @@
-"""Every table, figure and check of the paper from the runs of its three sweeps.
+"""Every table, figure and check of the paper from the runs of its sweeps, part by part.
 
-    T1 main results (t1-main): accuracy per architecture x variant, the binary-eval pivot,
-       T4 diagnostics at convergence and T5 cost (from the same runs), learning curves
-    T2 the p x slope x cutoff grid (t2-grid): grid tables, best setting per architecture, axis and
-       isolation plots, the heatmap, the gap against p
-    T3 ablations (t3-ablations)
+    LR  learning-rate selection (lr-select, lr-select-cnn): the monitored validation accuracy of
+        each variant and architecture at each rate, the rate selected
+    T1  main results (t1-mlp, t1-gated, t1-bottleneck, t1-cnn, at the selected rates): accuracy per
+        architecture x variant, the binary-eval pivot, threshold 0 against recalibrated thresholds,
+        T4 diagnostics of the tested weights and T5 cost (from the same runs), learning curves
+    T2  the p x slope x cutoff grid (t2-grid): grid tables, best setting per architecture, axis and
+        isolation plots, the heatmap, the gap against p
+    T3  ablations (t3-ablations)
+    T6  the estimator's gradient against the expected loss's (`analysis.estimator`, from its CSV)
+    claims.md  the families of claims (`analysis.claims`) tested on T1, T2 and T3
 
-At a named size of the specs (`smoke`, `quick`) the experiments are NAME-SIZE (t1-main-quick, ...).
+At a named size of the specs (`smoke`, `quick`) the experiments are NAME-SIZE (t1-mlp-quick, ...).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from analysis import figures
+from analysis import estimator, figures
 from analysis.checks import checks
-from analysis.claims import T1_CLAIMS, claims_table, p_claims, slope_claims
+from analysis.claims import claims_table, paper_families
 from analysis.importance import importance_lines
 from analysis.runs import Runs
 from analysis.tables import (
     Table,
     accuracy_table,
     best_table,
+    calibration_table,
     cost_table,
     diagnostics_table,
     grid_tables,
+    lr_table,
     pivot_table,
 )
 from sweeps.spec import SIZES
 
-SPECS = {"t1": "t1-main", "t2": "t2-grid", "t3": "t3-ablations"}
-# the file-name prefixes of what each sweep's runs make (T4 and T5 come from the T1 runs)
-OUTPUTS = {"t1": ("t1_", "t4_", "t5_"), "t2": ("t2_",), "t3": ("t3_",), "claims": ("claims",)}
+# The experiments (one per spec) of each part of the paper, tabulated together.
+PARTS = {"lr": ("lr-select", "lr-select-cnn"),
+         "t1": ("t1-mlp", "t1-gated", "t1-bottleneck", "t1-cnn"),
+         "t2": ("t2-grid",), "t3": ("t3-ablations",)}
+# the file-name prefixes of what each part makes (T4 and T5 come from the T1 runs)
+OUTPUTS = {"lr": ("lr_",), "t1": ("t1_", "t4_", "t5_"), "t2": ("t2_",), "t3": ("t3_",),
+           "claims": ("claims",), "t6": ("t6_",)}
+ESTIMATOR = Path("estimator") / "estimator.csv"  # in an export folder: `python -m study estimator`
 
 
-def experiments(size: str = "") -> dict[str, str]:
-    """The experiment of each paper sweep at `size` ("" or "full": the specs as written, else one
-    of SIZES)."""
+def experiments(size: str = "") -> dict[str, tuple[str, ...]]:
+    """The experiments of each part at `size` ("" or "full": the specs as written, else one of
+    SIZES)."""
     if size not in ("", "full", *SIZES):
         raise ValueError(f"unknown size {size!r} (full, {', '.join(SIZES)})")
-    return {k: f"{v}-{size}" if size not in ("", "full") else v for k, v in SPECS.items()}
+    suffix = f"-{size}" if size not in ("", "full") else ""
+    return {k: tuple(f"{name}{suffix}" for name in names) for k, names in PARTS.items()}
+
+
+def all_experiments(size: str = "") -> list[str]:
+    return [name for names in experiments(size).values() for name in names]
 
 
 def spec_name(experiment: str) -> str:
-    """The spec's name of an experiment, whatever its size (t1-main-quick -> t1-main)."""
+    """The spec's name of an experiment, whatever its size (t1-mlp-quick -> t1-mlp)."""
+    known = all_experiments()
     for size in SIZES:
-        if experiment.endswith(f"-{size}") and experiment.removesuffix(f"-{size}") in SPECS.values():
+        if experiment.endswith(f"-{size}") and experiment.removesuffix(f"-{size}") in known:
             return experiment.removesuffix(f"-{size}")
     return experiment
 
 
 def variants(runs: Runs) -> list[str]:
-    """Variant names in the spec's order (grid trial ids follow it)."""
+    """Variant names in their specs' order (a grid's trial ids follow it), over every experiment."""
     if "tags.trial.variant" not in runs.trials:
         return []
-    ordered = runs.trials.sort_values("tags.trial.id")["tags.trial.variant"].dropna()
-    return list(dict.fromkeys(ordered))
+    trials = runs.trials.dropna(subset=["tags.trial.variant"])
+    rank = trials.groupby("experiment")["tags.trial.id"].rank(method="dense")
+    first = trials.assign(rank=rank).groupby("tags.trial.variant")["rank"].min()
+    return list(first.sort_values(kind="stable").index)
 
 
-def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path], list[str]]:
+def build(runs: Runs, out: Path, size: str = "", estimates: Path | None = None
+          ) -> tuple[list[Table], list[Path], list[str]]:
     """Write tables (out/tables), figures (out/figures) and out/checks.md from the paper sweeps at
-    `size`; return what was made. Of the sweeps read, a table or figure an earlier build wrote and
-    this one did not (a grid that lost an axis value) is removed; those of sweeps not read stay."""
-    names = experiments(size)
+    `size` (and T6 from the CSV `estimates`, when given); return what was made. Of the parts read,
+    a table or figure an earlier build wrote and this one did not (a grid that lost an axis value)
+    is removed; those of parts not read stay."""
+    present = {k: [n for n in names if n in runs.experiments]
+               for k, names in experiments(size).items()}
+    part = {k: runs.of(*names) for k, names in present.items() if names}
     tables: list[Table] = []
     pngs: list[Path] = []
     notes: list[str] = []
-    claimed = []  # (an experiment's runs, the paired comparisons made on them)
     fig_dir = out / "figures"
-    if names["t1"] in runs.experiments:
-        t1 = runs.of(names["t1"])
+    if "lr" in part:
+        lr = part["lr"]
+        tables.append(lr_table(lr, "lr_selection", "Learning-rate selection: monitored validation "
+                               "accuracy of the tested weights (mean ± std over seeds)", variants(lr)))
+        notes += [line for name in present["lr"] for line in checks(lr.of(name))]
+    if "t1" in part:
+        t1 = part["t1"]
         order = variants(t1)
         tables += [
             pivot_table(t1, "t1_binary", "T1 binary-eval test accuracy (mean ± std over seeds)",
@@ -77,16 +105,17 @@ def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path
                         "metrics.test/accuracy_binary", order),
             accuracy_table(t1, "t1_main", "T1 main results: soft- and binary-eval test accuracy",
                            ["params.model.arch", "tags.trial.variant"], order),
-            diagnostics_table(t1, "t4_diagnostics", "T4 activation diagnostics at the last epoch",
-                              order),
+            calibration_table(t1, "t1_calibrated", "T1 binary-eval test accuracy at threshold 0 "
+                              "and at per-unit thresholds recalibrated on validation", order),
+            diagnostics_table(t1, "t4_diagnostics", "T4 activation diagnostics of the tested "
+                              "weights (validation set; saturated: |s x| ≥ ln 11)", order),
             cost_table(t1, "t5_cost", "T5 cost: parameters, binarized units, seconds per epoch",
                        order),
         ]
         pngs.append(figures.learning_curves(t1, fig_dir / "t1_learning_curves.png"))
-        notes += checks(t1)
-        claimed.append((t1, list(T1_CLAIMS)))
-    if names["t2"] in runs.experiments:
-        t2 = runs.of(names["t2"])
+        notes += [line for name in present["t1"] for line in checks(t1.of(name))]
+    if "t2" in part:
+        t2 = part["t2"]
         tables += grid_tables(t2, "t2_binary", "metrics.test/accuracy_binary",
                               "T2 binary-eval test accuracy over p x slope")
         tables += grid_tables(t2, "t2_gap", "gap", "T2 gap (soft - binary test accuracy)")
@@ -103,18 +132,21 @@ def build(runs: Runs, out: Path, size: str = "") -> tuple[list[Table], list[Path
             figures.gap_against_p(t2, fig_dir / "t2_gap_vs_p.png"),
         ]
         notes += checks(t2) + importance_lines(t2)
-        claimed.append((t2, p_claims(t2) + slope_claims(t2)))
-    if names["t3"] in runs.experiments:
-        t3 = runs.of(names["t3"])
+    if "t3" in part:
+        t3 = part["t3"]
         tables.append(accuracy_table(t3, "t3_ablations", "T3 ablations of the default unit "
                                      "(mlp, p = 0.5, c = 1.2)", ["tags.trial.variant"],
                                      variants(t3)))
         notes += checks(t3)
-    if claimed:
-        tables.append(claims_table(claimed, "claims", "Paired differences over seeds behind the "
-                                   "findings (A - B; verdict by the 95% interval)"))
+    families = paper_families(part)
+    if families:
+        tables.append(claims_table(families, "claims", "Claims tested over seeds, by declared "
+                                   "family (Holm within each family)"))
+    if estimates is not None:
+        tables.append(estimator.table(estimates))
     written = {path for table in tables for path in table.write(out / "tables")} | set(pngs)
-    built = [k for k in SPECS if names[k] in runs.experiments] + (["claims"] if claimed else [])
+    built = [*part, *(["claims"] if families else []),
+             *(["t6"] if any(t.name.startswith("t6_") for t in tables) else [])]
     remove_stale(out, tuple(p for k in built for p in OUTPUTS[k]), written)
     (out / "checks.md").write_text("# Checks\n\n" + "".join(f"- {n}\n" for n in notes))
     return tables, pngs, notes
@@ -134,8 +166,8 @@ def log_figures(tracking_uri: str, runs: Runs, pngs: list[Path]) -> None:
 
     client = MlflowClient(tracking_uri)
     for _, parent in runs.parents.iterrows():
-        prefix = {"t1-main": "t1_", "t2-grid": "t2_", "t3-ablations": "t3_"}.get(
-            spec_name(parent["experiment"]))
+        name = spec_name(parent["experiment"])
+        key = next((k for k, names in PARTS.items() if name in names), None)
         for png in pngs:
-            if prefix and png.name.startswith(prefix):
+            if key and png.name.startswith(OUTPUTS[key]):
                 client.log_artifact(parent["run_id"], str(png), artifact_path="figures")

@@ -69,10 +69,10 @@ class Runs:
     selection: tuple[str, ...] = ()  # which sweep was read per experiment, and why
     running: tuple[str, ...] = ()  # sweeps read while their driver runs (named, and allowed)
 
-    def of(self, experiment: str) -> Runs:
-        """The runs of one experiment (one spec)."""
-        trials = self.trials[self.trials["experiment"] == experiment]
-        return Runs(trials, self.parents[self.parents["experiment"] == experiment],
+    def of(self, *experiments: str) -> Runs:
+        """The runs of some experiments (one spec each)."""
+        trials = self.trials[self.trials["experiment"].isin(experiments)]
+        return Runs(trials, self.parents[self.parents["experiment"].isin(experiments)],
                     self.history[self.history["run_id"].isin(trials["run_id"])])
 
     @property

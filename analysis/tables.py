@@ -16,7 +16,7 @@ from pandas.io.formats.style_render import _escape_latex
 from scipy import stats
 
 from analysis.runs import Runs
-from study.names import FINAL_METRICS, TEST_EPOCH
+from study.names import CALIBRATED, FINAL_METRICS, TEST_EPOCH
 
 ARCH_ORDER = ("mlp", "cnn", "gated", "bottleneck")
 # A trial is judged, everywhere (best cells, checks, importance, curves, diagnostics), at the epoch
@@ -288,3 +288,73 @@ def _signs(value) -> str:
         text = text.replace(sign, tex)
     return text
 
+
+
+def monitored(full: pd.DataFrame) -> pd.Series:
+    """Each trial's own monitored validation accuracy (params.budget.monitor: binary unless set)
+    at its tested epoch: what a learning-rate selection compares."""
+    monitor = full.get("params.budget.monitor", pd.Series(index=full.index, dtype=object))
+    soft = monitor.fillna("val/accuracy_binary") == "val/accuracy_soft"
+    return full[TESTED + "val/accuracy_soft"].where(soft, full[SELECTION])
+
+
+def selected_rates(runs: Runs) -> dict[tuple[str, str], float]:
+    """Per (architecture, variant): the learning rate (params.optim.lr) with the best mean
+    `monitored` accuracy over seeds; of equal means, the lowest rate."""
+    full = finished(runs)
+    means = (full.assign(m=monitored(full))
+             .groupby(["params.model.arch", "tags.trial.variant", "params.optim.lr"])["m"].mean()
+             .reset_index().sort_values("params.optim.lr", kind="stable"))
+    best = means.loc[means.groupby(["params.model.arch", "tags.trial.variant"])["m"].idxmax()]
+    return {(arch, variant): float(lr) for arch, variant, lr in
+            zip(best["params.model.arch"], best["tags.trial.variant"], best["params.optim.lr"],
+                strict=True)}
+
+
+def lr_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
+    """Per architecture and variant: the monitored validation accuracy at the tested epoch (mean
+    +- std over seeds) at each learning rate, and the rate selected (`selected_rates`)."""
+    full = finished(runs)
+    agg = aggregate(full.assign(m=monitored(full)),
+                    ["params.model.arch", "tags.trial.variant", "params.optim.lr"], {"m": "m"})
+    agg["cell"] = [pm(m, s) for m, s in zip(agg["m.mean"], agg["m.std"], strict=True)]
+    wide = agg.pivot(index=["params.model.arch", "tags.trial.variant"], columns="params.optim.lr",
+                     values="cell")
+    wide = wide[sorted(wide.columns)].reset_index()
+    wide = _ordered(_ordered(wide, "tags.trial.variant", variants), "params.model.arch", ARCH_ORDER)
+    chosen = selected_rates(runs)
+    frame = pd.DataFrame({"architecture": wide["params.model.arch"],
+                          "variant": wide["tags.trial.variant"]})
+    for lr in [c for c in wide.columns if isinstance(c, float)]:
+        frame[f"lr {lr:g}"] = wide[lr].fillna("—")
+    frame["selected"] = [f"{chosen[(a, v)]:g}" for a, v in
+                         zip(wide["params.model.arch"], wide["tags.trial.variant"], strict=True)]
+    return Table(name, title, frame.reset_index(drop=True), provenance(runs))
+
+
+def calibration_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
+    """Per architecture and variant: binary-eval test accuracy with every unit thresholded at 0 and
+    with per-unit thresholds recalibrated on the validation set (`study.calibration`), mean +- std
+    over seeds, and the paired difference's 95% interval."""
+    full = finished(runs)
+    column = f"metrics.{CALIBRATED}"
+    full = full[full[column].notna()] if column in full else full.iloc[:0]
+    full = full.assign(gain=full.get(column, 0) - full["metrics.test/accuracy_binary"])
+    agg = aggregate(full, ["params.model.arch", "tags.trial.variant"],
+                    {"zero": "metrics.test/accuracy_binary", "calibrated": column, "gain": "gain"}
+                    ) if len(full) else pd.DataFrame()
+    frame = pd.DataFrame(columns=["architecture", "variant", "threshold 0", "recalibrated",
+                                  "recalibrated - 0 (95% CI)", "seeds"])
+    if len(agg):
+        agg = _ordered(_ordered(agg, "tags.trial.variant", variants), "params.model.arch",
+                       ARCH_ORDER)
+        frame = pd.DataFrame({
+            "architecture": agg["params.model.arch"], "variant": agg["tags.trial.variant"],
+            "threshold 0": [pm(m, s) for m, s in zip(agg["zero.mean"], agg["zero.std"], strict=True)],
+            "recalibrated": [pm(m, s) for m, s in
+                             zip(agg["calibrated.mean"], agg["calibrated.std"], strict=True)],
+            "recalibrated - 0 (95% CI)": [f"{m:+.3f} {interval(lo, hi)}" for m, lo, hi in
+                                          zip(agg["gain.mean"], agg["gain.lo"], agg["gain.hi"],
+                                              strict=True)],
+            "seeds": agg["zero.n"].astype(int)})
+    return Table(name, title, frame.reset_index(drop=True), provenance(runs))

@@ -92,7 +92,7 @@ def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[base], strict=True))
 
 
-# The study's architectures at the paper's shapes (sweeps/specs/t1_main.yaml, t2_grid.yaml: Fashion-MNIST
+# The study's architectures at the paper's shapes (sweeps/specs/t1_*.yaml, t2_grid.yaml: Fashion-MNIST
 # 28x28x1, batch 128; ModelConfig's defaults but the CNN's filters).
 ARCHS = {"mlp": ModelConfig(arch="mlp"), "cnn": ModelConfig(arch="cnn", filters=(16, 32)),
          "gated": ModelConfig(arch="gated"), "bottleneck": ModelConfig(arch="bottleneck")}

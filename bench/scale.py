@@ -5,7 +5,7 @@ smallest says whether the work grows linearly with the number of runs.
 
     .venv/bin/python -c "from bench.scale import analysis_scale; print(analysis_scale())"
 
-The stores hold one experiment shaped like a real t1-main sweep (`sweeps/specs/t1_main.yaml`, so the
+The stores hold one experiment shaped like a real t1-mlp sweep (`sweeps/specs/t1_mlp.yaml`, so the
 T1 tables are built for real): one FINISHED parent run and N FINISHED trial runs cycling through
 the spec's grid (variant x architecture, seeds counting up), each with its real flat config as
 params, the tags `sweeps.tracking` gives a trial and a closed run, and 10 epochs of the epoch
@@ -34,7 +34,7 @@ from study.config import flat_to_strings
 from study.names import EPOCH_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ROOT / "sweeps" / "specs" / "t1_main.yaml"
+SPEC = ROOT / "sweeps" / "specs" / "t1_mlp.yaml"
 SERVER_SCRIPT = ROOT / "sweeps" / "cluster" / "local" / "mlflow-server.sh"
 EPOCHS = 10
 PER_EPOCH = (*EPOCH_METRICS, *TRIAL_CONSTANTS, "worker/peak_rss_mb")
@@ -75,7 +75,7 @@ def _timed(store: str, uri: str, n: int, out: Path) -> dict[str, float]:
     from analysis import paper, runs
 
     start = time.perf_counter()
-    loaded = runs.load(uri, ["t1-main"])
+    loaded = runs.load(uri, ["t1-mlp"])
     loading = time.perf_counter() - start
     assert len(loaded.trials) == n, (uri, len(loaded.trials))
     start = time.perf_counter()
@@ -86,7 +86,7 @@ def _timed(store: str, uri: str, n: int, out: Path) -> dict[str, float]:
 
 
 def build_store(uri: str, n: int, artifacts: Path) -> None:
-    """A t1-main sweep of `n` trials in the (new) store at `uri`. The experiment and the parent run
+    """A t1-mlp sweep of `n` trials in the (new) store at `uri`. The experiment and the parent run
     go through the store's API; the trial runs' rows are inserted in bulk into the store's own
     tables (its SQLAlchemy models), as `create_run` + `log_batch` + `set_terminated` would write them
     (latest_metrics included), since logging 10,000 runs one call at a time takes many minutes."""

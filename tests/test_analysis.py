@@ -16,8 +16,9 @@ from scipy import stats
 
 import analysis.__main__ as cli
 from analysis import paper
-from analysis.paper import SPECS
+from analysis.paper import PARTS
 from analysis.tables import Table, summarize
+from sweeps.spec import load_spec
 
 from .conftest import ROOT
 from .sweep_helpers import run_sweep, sweep_env
@@ -25,10 +26,10 @@ from .sweep_helpers import run_sweep, sweep_env
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A tracking store holding the three paper sweeps at smoke size."""
+    """A tracking store holding paper sweeps at smoke size: one of each part (T1 on the MLP)."""
     tmp = tmp_path_factory.mktemp("paper")
     env = sweep_env(tmp)
-    for spec in ("t1_main", "t2_grid", "t3_ablations"):
+    for spec in ("lr_select", "t1_mlp", "t2_grid", "t3_ablations"):
         run_sweep(ROOT / "sweeps" / "specs" / f"{spec}.yaml", env, "--size", "smoke")
     return tmp, env
 
@@ -65,26 +66,26 @@ def test_tables_match_mlflow_and_store_and_export_agree(store):
     assert "tables and 6 figures" in out
     t1 = tmp / "a" / "tables" / "t1_main.md"
     for variant in ("sigmoid", "p0.5", "ste"):
-        expected = np.mean(mlflow_values(env, f"{SPECS['t1']}-smoke",
+        expected = np.mean(mlflow_values(env, "t1-mlp-smoke",
                                          {"trial.variant": variant}, {"model.arch": "mlp"},
                                          "test/accuracy_binary"))
         got = cell(t1, {"architecture": "mlp", "variant": variant}, "binary eval")
         assert float(got.split()[0]) == pytest.approx(expected, abs=5e-4)
-    soft = mlflow_values(env, f"{SPECS['t3']}-smoke", {"trial.variant": "granularity=unit"}, {},
+    soft = mlflow_values(env, "t3-ablations-smoke", {"trial.variant": "granularity=unit"}, {},
                          "test/accuracy_soft")
     got = cell(tmp / "a" / "tables" / "t3_ablations.md", {"variant": "granularity=unit"},
                "soft eval")
     assert float(got) == pytest.approx(np.mean(soft), abs=5e-4)
-    grid = mlflow_values(env, f"{SPECS['t2']}-smoke", {}, {"activation.p": "1.0",
-                                                           "activation.slope": "2.0"},
+    grid = mlflow_values(env, "t2-grid-smoke", {}, {"activation.p": "0.5",
+                                                    "activation.slope": "2.0"},
                          "test/accuracy_binary")
-    got = cell(tmp / "a" / "tables" / "t2_binary_mlp_c1.2.md", {"p \\ slope": "1"}, "s = 2")
+    got = cell(tmp / "a" / "tables" / "t2_binary_mlp_c1.2.md", {"p \\ slope": "0.5"}, "s = 2")
     assert float(got) == pytest.approx(grid[0], abs=5e-4)
     assert "runs ended" in t1.read_text() and "% MLflow experiment" in t1.with_suffix(".tex").read_text()
 
     # the figures are attached to the sweeps' parent runs
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name(f"{SPECS['t2']}-smoke")
+    exp = client.get_experiment_by_name("t2-grid-smoke")
     [parent] = client.search_runs([exp.experiment_id], "tags.`sweep.role` = 'parent'")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert "figures/t2_heatmap.png" in logged
@@ -134,18 +135,20 @@ def test_committed_paper_files_regenerate_byte_for_byte_from_the_export(tmp_path
 
 def test_a_build_removes_what_it_no_longer_makes_of_the_sweeps_it_read(tmp_path):
     """T3 alone: a T3 table an earlier build wrote and this one does not is removed; the tables
-    of T1 and T2 (not read), the claims of an earlier build (none this time) and other files stay."""
+    of the parts not read (LR, T1, T2) and other files stay; the claims are T3's alone."""
     from analysis import runs
 
-    loaded = runs.select(runs.from_export(ROOT / "paper" / "runs", ["t3-ablations"]))
+    loaded = runs.select(runs.from_export(ROOT / "paper" / "first-edition" / "runs",
+                                          ["t3-ablations"]))
     stale = tmp_path / "tables" / "t3_ablations_c1.md"
-    kept = [tmp_path / "tables" / name for name in ("t1_main.md", "t2_best.tex", "claims.md", "notes.txt")]
+    kept = [tmp_path / "tables" / name for name in ("t1_main.md", "t2_best.tex",
+                                                    "lr_selection.md", "notes.txt")]
     kept.append(tmp_path / "figures" / "t2_heatmap.png")
     for path in [stale, *kept]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("from an earlier build")
     tables, _, _ = paper.build(loaded, tmp_path)
-    assert [t.name for t in tables] == ["t3_ablations"]
+    assert [t.name for t in tables] == ["t3_ablations", "claims"]
     assert not stale.exists() and all(path.exists() for path in kept)
     assert (tmp_path / "tables" / "t3_ablations.md").exists()
 
@@ -195,26 +198,29 @@ def test_default_source_reads_the_local_store_through_mlflow_and_never_creates_i
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "runs" / "mlflow.db"
     monkeypatch.setattr(cli, "LOCAL_STORE", store)
-    assert cli.default_source(["t1-main"]) == str(cli.EXPORT)
+    assert cli.default_source(["t1-mlp"]) == str(cli.EXPORT)
     assert not store.exists() and not store.parent.exists()
 
     store.parent.mkdir()
-    MlflowClient(f"sqlite:///{store}").create_experiment("t1-main")
-    assert cli.default_source(["t1-main", "t2-grid"]) == f"sqlite:///{store}"
+    MlflowClient(f"sqlite:///{store}").create_experiment("t1-mlp")
+    assert cli.default_source(["t1-mlp", "t2-grid"]) == f"sqlite:///{store}"
     assert cli.default_source(["t2-grid"]) == str(cli.EXPORT)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
     assert cli.default_source(["t2-grid"]) == "http://127.0.0.1:5001"
 
 
 def test_each_size_reads_its_own_experiments_into_its_own_folder():
-    assert paper.experiments() == paper.experiments("full") == SPECS
-    assert paper.experiments("smoke") == {k: f"{v}-smoke" for k, v in SPECS.items()}
-    assert paper.experiments("quick") == {"t1": "t1-main-quick", "t2": "t2-grid-quick",
-                                          "t3": "t3-ablations-quick"}
+    assert paper.experiments() == paper.experiments("full") == PARTS
+    assert paper.experiments("smoke") == {k: tuple(f"{v}-smoke" for v in names)
+                                          for k, names in PARTS.items()}
+    assert paper.experiments("quick")["t1"] == ("t1-mlp-quick", "t1-gated-quick",
+                                                "t1-bottleneck-quick", "t1-cnn-quick")
     with pytest.raises(ValueError, match="unknown size 'big'"):
         paper.experiments("big")
-    assert [paper.spec_name(e) for e in ("t1-main", "t1-main-smoke", "t2-grid-quick", "other-quick")] == [
-        "t1-main", "t1-main", "t2-grid", "other-quick"]
+    assert [paper.spec_name(e) for e in ("t1-cnn", "t1-mlp-smoke", "t2-grid-quick", "other-quick")] == [
+        "t1-cnn", "t1-mlp", "t2-grid", "other-quick"]
+    specs = {load_spec(path).name for path in (ROOT / "sweeps" / "specs").glob("*.yaml")}
+    assert set(paper.all_experiments()) <= specs  # every part's experiment has its spec
     assert cli.default_out("tables", "full") == ROOT / "paper"
     assert cli.default_out("export", "full") == ROOT / "paper" / "runs"
     assert cli.default_out("tables", "quick") == ROOT / "runs" / "paper-quick"
@@ -224,8 +230,8 @@ def test_each_size_reads_its_own_experiments_into_its_own_folder():
 def test_a_size_without_runs_is_one_line_naming_its_experiments(tmp_path, capsys):
     assert cli.main(["tables", "--size", "quick", "--source", str(ROOT / "paper" / "runs"),
                      "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == (f"error: no runs of t1-main-quick, t2-grid-quick, "
-                                       f"t3-ablations-quick in {ROOT / 'paper' / 'runs'}\n")
+    assert capsys.readouterr().err == (f"error: no runs of {', '.join(paper.all_experiments('quick'))}"
+                                       f" in {ROOT / 'paper' / 'runs'}\n")
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as exit_:
         cli.main(["tables", "--size", "big"])

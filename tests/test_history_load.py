@@ -123,10 +123,10 @@ def test_the_benchmark_store_reads_as_one_complete_sweep(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path}/bench.db"
     build_store(uri, 5, tmp_path / "artifacts")
-    loaded = runs.load(uri, ["t1-main"])
+    loaded = runs.load(uri, ["t1-mlp"])
     assert len(loaded.trials) == 5 and list(loaded.parents["status"]) == ["FINISHED"]
     assert loaded.selection[0].endswith("(latest complete of 1)")
     assert (loaded.trials["tags.trial.epochs"] == str(EPOCHS)).all()
     per_trial = loaded.history.groupby("run_id").size()
     assert (per_trial == EPOCHS * (len(runs.HISTORY_KEYS) - 3) + 3).all()  # final metrics once
-    assert_same(loaded, per_run(uri, monkeypatch, "t1-main"))
+    assert_same(loaded, per_run(uri, monkeypatch, "t1-mlp"))

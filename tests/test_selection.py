@@ -217,25 +217,25 @@ def test_exports_are_written_per_experiment_and_read_together(tmp_path):
     loaded = runs.load(store, [EXP])
     runs.export(loaded, tmp_path / "paper-runs")
     other = pd.concat([loaded.parents, loaded.trials])  # another spec's export, committed earlier
-    other = other.assign(experiment="t1-main", run_id=other["run_id"] + "-t1")
-    (tmp_path / "paper-runs" / "t1-main").mkdir()
-    other.astype(object).where(other.notna(), "").to_csv(tmp_path / "paper-runs" / "t1-main" /
+    other = other.assign(experiment="t1-mlp", run_id=other["run_id"] + "-t1")
+    (tmp_path / "paper-runs" / "t1-mlp").mkdir()
+    other.astype(object).where(other.notna(), "").to_csv(tmp_path / "paper-runs" / "t1-mlp" /
                                                          "runs.csv", index=False)
     loaded.history.assign(run_id=loaded.history["run_id"] + "-t1").to_csv(
-        tmp_path / "paper-runs" / "t1-main" / "history.csv", index=False)
-    assert sorted(p.name for p in runs.exports(tmp_path / "paper-runs")) == ["t1-main", EXP]
-    both = runs.load(str(tmp_path / "paper-runs"), [EXP, "t1-main"])
-    assert sorted(set(both.trials["experiment"])) == ["t1-main", EXP]
+        tmp_path / "paper-runs" / "t1-mlp" / "history.csv", index=False)
+    assert sorted(p.name for p in runs.exports(tmp_path / "paper-runs")) == ["t1-mlp", EXP]
+    both = runs.load(str(tmp_path / "paper-runs"), [EXP, "t1-mlp"])
+    assert sorted(set(both.trials["experiment"])) == ["t1-mlp", EXP]
     again = runs.load(str(tmp_path / "paper-runs"), [EXP])
     pd.testing.assert_frame_equal(again.trials, loaded.trials)
     pd.testing.assert_frame_equal(again.history, loaded.history)
     runs.export(again, tmp_path / "paper-runs")  # re-exporting one experiment leaves the other
-    assert (tmp_path / "paper-runs" / "t1-main" / "runs.csv").exists()
+    assert (tmp_path / "paper-runs" / "t1-mlp" / "runs.csv").exists()
 
 
 def test_the_cli_exports_one_experiment_and_refuses_an_unknown_one(tmp_path, capsys):
     assert main(["export", "--source", to_export(tmp_path / "in", records()), "--experiment",
-                 "t1-main", "--out", str(tmp_path / "out")]) == 2  # no runs of t1-main there
+                 "t1-mlp", "--out", str(tmp_path / "out")]) == 2  # no runs of t1-mlp there
     assert main(["export", "--source", str(tmp_path / "in"), "--experiment", "nope",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--experiment nope: not a paper experiment" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from analysis import paper, runs
 from analysis.__main__ import PROJECT, default_source
 
 size = os.environ.get("ANALYSIS_SIZE") or ("smoke" if os.environ.get("ANALYSIS_SMOKE") == "1" else "full")
-names = list(paper.experiments(size).values())
+names = paper.all_experiments(size)
 source = os.environ.get("ANALYSIS_SOURCE") or default_source(names)
 loaded = runs.load(source, names, os.environ.get("ANALYSIS_SWEEPS", "").split())
 print(source, *loaded.selection, sep="\n")

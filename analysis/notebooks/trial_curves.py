@@ -26,8 +26,8 @@ from analysis.__main__ import default_source
 from analysis.tables import finished
 
 size = os.environ.get("ANALYSIS_SIZE") or ("smoke" if os.environ.get("ANALYSIS_SMOKE") == "1" else "full")
-experiment = paper.experiments(size)["t1"]
-loaded = runs.load(os.environ.get("ANALYSIS_SOURCE") or default_source([experiment]), [experiment],
+experiments = list(paper.experiments(size)["t1"])
+loaded = runs.load(os.environ.get("ANALYSIS_SOURCE") or default_source(experiments), experiments,
                    os.environ.get("ANALYSIS_T1_SWEEP", "").split())
 print(*loaded.selection, sep="\n")
 keys = ["val/accuracy_binary", "val/accuracy_soft", "act/bit_entropy", "act/flip_rate"]
