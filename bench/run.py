@@ -1,4 +1,4 @@
-"""`make bench`: the seven benchmarks of the project against their references, side by side in one
+"""`make bench`: the nine benchmarks of the project against their references, side by side in one
 run; writes bench/results.json and bench/results.md (the table the README shows).
 
     .venv/bin/python bench/run.py [--only activation,evaluation,throughput,pipeline,overhead,asha,tracking,

@@ -37,7 +37,7 @@ from .sweep_helpers import (
     wait_for,
 )
 
-EXIT_S = 15.0  # the driver leaves within this of the signal (README: "Stopping a sweep")
+EXIT_S = 15.0  # the driver leaves within this of the signal (docs/sweeps.md: stopping and resuming)
 pytestmark = pytest.mark.slow
 
 
