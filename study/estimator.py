@@ -424,6 +424,7 @@ def run(config: TrialConfig, settings: Settings, out: Path,
     from study.train import Trainer
 
     check(config, settings)
+    code = git_state()  # of the code that runs, before this run writes its own outputs
     started, cpu = time.perf_counter(), time.process_time()
     trainer = Trainer(config)
     data = trainer.data
@@ -454,7 +455,7 @@ def run(config: TrialConfig, settings: Settings, out: Path,
         writer.writerows(rows)
     meta = {**asdict(settings), "config": config.to_flat(), "estimators": [asdict(e) for e in ESTIMATORS],
             "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
-            **git_state(), "ended": time.strftime("%Y-%m-%d", time.gmtime())}
+            **code, "ended": time.strftime("%Y-%m-%d", time.gmtime())}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=list))
     return rows
 
