@@ -29,9 +29,10 @@ JOB_ENV = {"env_vars": {$(JOB_AWS)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)
   "STUDY_GIT_COMMIT": "$(GIT_COMMIT)", "STUDY_GIT_DIRTY": "$(GIT_DIRTY)"}, \
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
 
-# In the order they run: the learning-rate selections, then the tables' sweeps at the selected rates.
-PAPER_SPECS := $(foreach s,lr_select lr_select_cnn t1_mlp t1_gated t1_bottleneck t1_cnn t2_grid \
-  t3_ablations,sweeps/specs/$(s).yaml)
+# In the order they run: the learning-rate selection, the tables' sweeps at the selected rates, the
+# CNN's selection (t1_cnn.yaml joins once it has chosen).
+PAPER_SPECS := $(foreach s,lr_select lr_select_wide t1_mlp t1_gated t1_bottleneck t3_ablations t2_grid lr_select_cnn,\
+  sweeps/specs/$(s).yaml)
 # The size of the specs that sweep, paper-sweeps, paper and tables use. SIZE=full: the specs as
 # written (converged training on the full data, about 4 hours on 2 cores); SIZE=quick: their `quick:`
 # sections (the paper's sweeps at 6 epochs on 20,000 images, about 20 minutes: a laptop check);

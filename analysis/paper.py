@@ -1,8 +1,8 @@
 """Every table, figure and check of the paper from the runs of its sweeps, part by part.
 
-    LR  learning-rate selection (lr-select, lr-select-cnn): the monitored validation accuracy of
-        each variant and architecture at each rate, the rate selected
-    T1  main results (t1-mlp, t1-gated, t1-bottleneck, t1-cnn, at the selected rates): accuracy per
+    LR  learning-rate selection (lr-select, lr-select-wide, lr-select-cnn): the monitored
+        validation accuracy of each variant and architecture at each rate, the rate selected
+    T1  main results (t1-mlp, t1-gated, t1-bottleneck, at the selected rates): accuracy per
         architecture x variant, the binary-eval pivot, threshold 0 against recalibrated thresholds,
         T4 diagnostics of the tested weights and T5 cost (from the same runs), learning curves
     T2  the p x slope x cutoff grid (t2-grid): grid tables, best setting per architecture, axis and
@@ -33,12 +33,14 @@ from analysis.tables import (
     grid_tables,
     lr_table,
     pivot_table,
+    selected_rates,
 )
 from sweeps.spec import SIZES
 
-# The experiments (one per spec) of each part of the paper, tabulated together.
-PARTS = {"lr": ("lr-select", "lr-select-cnn"),
-         "t1": ("t1-mlp", "t1-gated", "t1-bottleneck", "t1-cnn"),
+# The experiments (one per spec) of each part of the paper, tabulated together. (T1 on the CNN,
+# t1-cnn, joins once lr-select-cnn has chosen its rates.)
+PARTS = {"lr": ("lr-select", "lr-select-wide", "lr-select-cnn"),
+         "t1": ("t1-mlp", "t1-gated", "t1-bottleneck"),
          "t2": ("t2-grid",), "t3": ("t3-ablations",)}
 # the file-name prefixes of what each part makes (T4 and T5 come from the T1 runs)
 OUTPUTS = {"lr": ("lr_",), "t1": ("t1_", "t4_", "t5_"), "t2": ("t2_",), "t3": ("t3_",),
@@ -96,6 +98,7 @@ def build(runs: Runs, out: Path, size: str = "", estimates: Path | None = None
         tables.append(lr_table(lr, "lr_selection", "Learning-rate selection: monitored validation "
                                "accuracy of the tested weights (mean ± std over seeds)", variants(lr)))
         notes += [line for name in present["lr"] for line in checks(lr.of(name))]
+        notes += lr_edges(lr)
     if "t1" in part:
         t1 = part["t1"]
         order = variants(t1)
@@ -150,6 +153,16 @@ def build(runs: Runs, out: Path, size: str = "", estimates: Path | None = None
     remove_stale(out, tuple(p for k in built for p in OUTPUTS[k]), written)
     (out / "checks.md").write_text("# Checks\n\n" + "".join(f"- {n}\n" for n in notes))
     return tables, pngs, notes
+
+
+def lr_edges(lr: Runs) -> list[str]:
+    """A line per (architecture, variant) whose selected rate is the lowest or highest one tried:
+    its best rate may lie beyond the grid."""
+    tried = sorted(set(lr.trials["params.optim.lr"].dropna()))
+    edges = sorted(f"{arch} {variant} ({rate:g})" for (arch, variant), rate in
+                   selected_rates(lr).items() if len(tried) > 1 and rate in (tried[0], tried[-1]))
+    return [f"learning-rate selection: {len(edges)} selected rates at an end of the grid "
+            f"[{tried[0]:g}, {tried[-1]:g}]: {', '.join(edges)}"] if edges else []
 
 
 def remove_stale(out: Path, prefixes: tuple[str, ...], written: set[Path]) -> None:
