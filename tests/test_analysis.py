@@ -214,7 +214,7 @@ def test_each_size_reads_its_own_experiments_into_its_own_folder():
     assert paper.experiments("smoke") == {k: tuple(f"{v}-smoke" for v in names)
                                           for k, names in PARTS.items()}
     assert paper.experiments("quick")["t1"] == ("t1-mlp-quick", "t1-gated-quick",
-                                                "t1-bottleneck-quick", "t1-cnn-quick")
+                                                "t1-bottleneck-quick")
     with pytest.raises(ValueError, match="unknown size 'big'"):
         paper.experiments("big")
     assert [paper.spec_name(e) for e in ("t1-cnn", "t1-mlp-smoke", "t2-grid-quick", "other-quick")] == [
@@ -236,3 +236,23 @@ def test_a_size_without_runs_is_one_line_naming_its_experiments(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_:
         cli.main(["tables", "--size", "big"])
     assert exit_.value.code == 2
+
+
+def test_the_specs_train_every_variant_at_the_rate_the_committed_selection_chose():
+    """T1 at each variant's selected rate on its architecture; T2 and T3 at the default unit's
+    (p0.5) on theirs (docs/paper.md); read from the committed LR exports."""
+    from analysis import runs
+    from analysis.tables import selected_rates
+
+    exports = [p.name for p in runs.exports(ROOT / "paper" / "runs") if p.name.startswith("lr-select")]
+    chosen = selected_rates(runs.select(runs.from_export(ROOT / "paper" / "runs", exports)))
+    specs = ROOT / "sweeps" / "specs"
+    t1 = [load_spec(specs / f"{name.replace('-', '_')}.yaml") for name in PARTS["t1"]]
+    assert t1
+    for spec in t1:
+        for variant, settings in spec.variants.items():
+            arch = spec.fixed.get("model.arch", "mlp")
+            assert settings["optim.lr"] == chosen[(arch, variant)], (spec.name, variant)
+    for settings in load_spec(specs / "t2_grid.yaml").variants.values():
+        assert settings["optim.lr"] == chosen[(settings["model.arch"], "p0.5")]
+    assert load_spec(specs / "t3_ablations.yaml").fixed["optim.lr"] == chosen[("mlp", "p0.5")]

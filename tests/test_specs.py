@@ -351,9 +351,14 @@ def test_shipped_specs_are_valid_and_say_how_to_launch_them(path, size):
 # of the code must not (a trial-config key added with a default leaves them alone).
 SHIPPED_IDS = {
     "sweeps/specs/quick.yaml": ("quick-e6dc865c", "quick-smoke-7efb6774"),
-    "sweeps/specs/t1_main.yaml": ("t1-main-ba42cb55", "t1-main-smoke-1b810fc3"),
-    "sweeps/specs/t2_grid.yaml": ("t2-grid-c26f15dc", "t2-grid-smoke-78790e7a"),
-    "sweeps/specs/t3_ablations.yaml": ("t3-ablations-82671eb6", "t3-ablations-smoke-de6c6aa9"),
+    "sweeps/specs/lr_select.yaml": ("lr-select-e6c38e80", "lr-select-smoke-703be78c"),
+    "sweeps/specs/lr_select_wide.yaml": ("lr-select-wide-289c40a4", "lr-select-wide-smoke-cc21ad45"),
+    "sweeps/specs/lr_select_cnn.yaml": ("lr-select-cnn-659c377c", "lr-select-cnn-smoke-a47fbd32"),
+    "sweeps/specs/t1_mlp.yaml": ("t1-mlp-89ca2a57", "t1-mlp-smoke-c9fdbb85"),
+    "sweeps/specs/t1_gated.yaml": ("t1-gated-4a6e9c97", "t1-gated-smoke-04c8494e"),
+    "sweeps/specs/t1_bottleneck.yaml": ("t1-bottleneck-4303e7ec", "t1-bottleneck-smoke-ac9e0c77"),
+    "sweeps/specs/t2_grid.yaml": ("t2-grid-5e11eb5a", "t2-grid-smoke-561ddc3c"),
+    "sweeps/specs/t3_ablations.yaml": ("t3-ablations-d176afc1", "t3-ablations-smoke-8c3a744f"),
     "tests/specs/cluster_16.yaml": ("cluster-16-76c75f2f", None),
     "tests/specs/cluster_faults.yaml": ("cluster-faults-18597329", None),
     "tests/specs/cluster_smoke.yaml": ("cluster-smoke-aaae22c4", None),
@@ -372,21 +377,26 @@ def test_shipped_specs_keep_their_sweep_ids(name):
             load_spec(ROOT / name, size="smoke")
 
 
-# SIZE=quick is the 6-epoch study on 20,000 images of the README's results, whatever the specs'
-# main bodies become: its settings and sweep ids stay these.
-PAPER_QUICK = {"t1_main": (96, [0, 1, 2], "t1-main-quick-55257d21"),
-               "t2_grid": (80, [0], "t2-grid-quick-c0fa8ee4"),
-               "t3_ablations": (24, [0, 1, 2], "t3-ablations-quick-72798a98")}
+# SIZE=quick: each paper spec's laptop check (the CNN's at 3 epochs, the others at 6, on 20,000
+# images); its settings and sweep ids stay these.
+PAPER_QUICK = {"lr_select": (14, [100], "lr-select-quick-2cd27f94"),
+               "lr_select_wide": (7, [100], "lr-select-wide-quick-38568f81"),
+               "lr_select_cnn": (4, [100], "lr-select-cnn-quick-5a0baf98"),
+               "t1_mlp": (21, [0, 1, 2], "t1-mlp-quick-d98e5577"),
+               "t1_gated": (21, [0, 1, 2], "t1-gated-quick-37764c5b"),
+               "t1_bottleneck": (21, [0, 1, 2], "t1-bottleneck-quick-5adfc7c2"),
+               "t2_grid": (48, [20], "t2-grid-quick-5e634a0c"),
+               "t3_ablations": (18, [30, 31, 32], "t3-ablations-quick-91cb9348")}
 
 
 @pytest.mark.parametrize("name", PAPER_QUICK)
-def test_the_paper_specs_quick_size_is_the_six_epoch_study(name):
+def test_the_paper_specs_quick_size_is_a_short_study_on_20000_images(name):
     trials, seeds, sweep_id = PAPER_QUICK[name]
     spec = load_spec(ROOT / "sweeps" / "specs" / f"{name}.yaml", size="quick")
     assert (spec.experiment, spec.sweep_id) == (f"{spec.name}-quick", sweep_id)
     config = spec.trial_config({})
     assert (config.data.name, config.data.train_size, config.budget.epochs,
-            config.budget.batch_size) == ("fashion_mnist", 20000, 6, 128)
+            config.budget.batch_size) == ("fashion_mnist", 20000, 3 if "cnn" in name else 6, 128)
     assert (spec.num_trials, list(spec.seeds)) == (trials, seeds)
     header = (ROOT / "sweeps" / "specs" / f"{name}.yaml").read_text().split("\n\n")[0]
     assert "SIZE=quick" in header
@@ -440,13 +450,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_check_takes_a_size():
-    proc = run_cli("check", "--size", "quick", "sweeps/specs/t1_main.yaml", "sweeps/specs/t2_grid.yaml")
+    proc = run_cli("check", "--size", "quick", "sweeps/specs/t1_mlp.yaml", "sweeps/specs/t2_grid.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["sweeps/specs/t1_main.yaml: ok (96 trials, grid)",
-                                        "sweeps/specs/t2_grid.yaml: ok (80 trials, grid)"]
+    assert proc.stdout.splitlines() == ["sweeps/specs/t1_mlp.yaml: ok (21 trials, grid)",
+                                        "sweeps/specs/t2_grid.yaml: ok (48 trials, grid)"]
     for args in (["--smoke"], ["--size", "smoke"]):
-        proc = run_cli("check", *args, "sweeps/specs/t1_main.yaml")
-        assert proc.stdout == "sweeps/specs/t1_main.yaml: ok (9 trials, grid)\n", proc.stderr
+        proc = run_cli("check", *args, "sweeps/specs/t1_mlp.yaml")
+        assert proc.stdout == "sweeps/specs/t1_mlp.yaml: ok (8 trials, grid)\n", proc.stderr
 
 
 def test_a_size_the_spec_lacks_or_no_size_at_all_exits_2():
@@ -456,7 +466,7 @@ def test_a_size_the_spec_lacks_or_no_size_at_all_exits_2():
                            "(sizes it defines: smoke)\n")
     proc = run_cli("check", "--size", "big", "sweeps/specs/quick.yaml")
     assert proc.returncode == 2 and "invalid choice: 'big'" in proc.stderr
-    proc = run_cli("check", "--smoke", "--size", "quick", "sweeps/specs/t1_main.yaml")
+    proc = run_cli("check", "--smoke", "--size", "quick", "sweeps/specs/t1_mlp.yaml")
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
 
 
@@ -482,9 +492,9 @@ def make_dry_run(*args: str, **extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(("make_args", "expected"), [
-    (["sweep", "SPEC=sweeps/specs/t1_main.yaml", "SIZE=quick"],
-     ["-m sweeps check --reachable --size quick sweeps/specs/t1_main.yaml",
-      "-m sweeps run --size quick sweeps/specs/t1_main.yaml"]),
+    (["sweep", "SPEC=sweeps/specs/t1_mlp.yaml", "SIZE=quick"],
+     ["-m sweeps check --reachable --size quick sweeps/specs/t1_mlp.yaml",
+      "-m sweeps run --size quick sweeps/specs/t1_mlp.yaml"]),
     (["sweep", "SMOKE=1"], ["-m sweeps run --size smoke sweeps/specs/quick.yaml"]),
     (["sweep"], ["-m sweeps run sweeps/specs/quick.yaml"]),
     (["paper", "SIZE=quick"], ["-m sweeps run --size quick $spec", "-m analysis tables --size quick"]),
