@@ -63,7 +63,8 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict[str, float]:
 
 def dz_interval(dz: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """The interval of d_z by inverting the noncentral t of t = d_z sqrt(n) on n - 1 df (a negative
-    d_z by symmetry: scipy's nct is unstable far in its left tail)."""
+    d_z by symmetry: scipy's nct is unstable far in its left tail); NaN where scipy's nct cannot
+    give it (a d_z far out on very few degrees of freedom)."""
     if dz < 0:
         lo, hi = dz_interval(-dz, n, confidence)
         return -hi, -lo
@@ -72,11 +73,18 @@ def dz_interval(dz: float, n: int, confidence: float = 0.95) -> tuple[float, flo
     def solve(target: float) -> float:  # nct.cdf(t; nc) falls as nc rises: bracket, then root
         f = lambda nc: stats.nct.cdf(t, df, nc) - target  # noqa: E731
         lo, hi = t - 10, t + 10
-        while f(lo) < 0:
+        for _ in range(20):
+            if not f(lo) < 0:
+                break
             lo -= 2 * (hi - lo)
-        while f(hi) > 0:
+        for _ in range(20):
+            if not f(hi) > 0:
+                break
             hi += 2 * (hi - lo)
-        return optimize.brentq(f, lo, hi, xtol=1e-12) / math.sqrt(n)
+        try:
+            return optimize.brentq(f, lo, hi, xtol=1e-12) / math.sqrt(n)
+        except ValueError:  # no sign change, or a NaN from nct: no interval
+            return math.nan
 
     return solve(1 - tail), solve(tail)
 

@@ -70,17 +70,17 @@ def test_tables_match_mlflow_and_store_and_export_agree(store):
                                          {"trial.variant": variant}, {"model.arch": "mlp"},
                                          "test/accuracy_binary"))
         got = cell(t1, {"architecture": "mlp", "variant": variant}, "binary eval")
-        assert float(got.split()[0]) == pytest.approx(expected, abs=5e-4)
+        assert float(got.split()[0]) == pytest.approx(expected, abs=5e-4 + 1e-9)
     soft = mlflow_values(env, "t3-ablations-smoke", {"trial.variant": "granularity=unit"}, {},
                          "test/accuracy_soft")
     got = cell(tmp / "a" / "tables" / "t3_ablations.md", {"variant": "granularity=unit"},
                "soft eval")
-    assert float(got) == pytest.approx(np.mean(soft), abs=5e-4)
+    assert float(got) == pytest.approx(np.mean(soft), abs=5e-4 + 1e-9)
     grid = mlflow_values(env, "t2-grid-smoke", {}, {"activation.p": "0.5",
                                                     "activation.slope": "2.0"},
                          "test/accuracy_binary")
     got = cell(tmp / "a" / "tables" / "t2_binary_mlp_c1.2.md", {"p \\ slope": "0.5"}, "s = 2")
-    assert float(got) == pytest.approx(grid[0], abs=5e-4)
+    assert float(got.split()[0]) == pytest.approx(np.mean(grid), abs=5e-4 + 1e-9)  # two seeds
     assert "runs ended" in t1.read_text() and "% MLflow experiment" in t1.with_suffix(".tex").read_text()
 
     # the figures are attached to the sweeps' parent runs
@@ -128,8 +128,10 @@ def test_committed_paper_files_regenerate_byte_for_byte_from_the_export(tmp_path
     env = {**os.environ}
     env.pop("MLFLOW_TRACKING_URI", None)
     analysis(env, "tables", "--source", str(ROOT / "paper" / "runs"), "--out", str(tmp_path))
-    for part in ("tables", "figures"):
-        assert _identical(filecmp.dircmp(ROOT / "paper" / part, tmp_path / part)), part
+    for part in ("tables", "figures"):  # (no figures before a part that draws any)
+        assert (ROOT / "paper" / part).exists() == (tmp_path / part).exists(), part
+        if (tmp_path / part).exists():
+            assert _identical(filecmp.dircmp(ROOT / "paper" / part, tmp_path / part)), part
     assert (ROOT / "paper" / "checks.md").read_bytes() == (tmp_path / "checks.md").read_bytes()
 
 
