@@ -301,7 +301,11 @@ def monitored(full: pd.DataFrame) -> pd.Series:
 def selected_rates(runs: Runs) -> dict[tuple[str, str], float]:
     """Per (architecture, variant): the learning rate (params.optim.lr) with the best mean
     `monitored` accuracy over seeds; of equal means, the lowest rate."""
-    full = finished(runs)
+    return _selected(finished(runs))
+
+
+def _selected(full: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """`selected_rates` of the trials `full` (as `finished` gives them)."""
     means = (full.assign(m=monitored(full))
              .groupby(["params.model.arch", "tags.trial.variant", "params.optim.lr"])["m"].mean()
              .reset_index().sort_values("params.optim.lr", kind="stable"))
@@ -322,7 +326,7 @@ def lr_table(runs: Runs, name: str, title: str, variants: list[str]) -> Table:
                      values="cell")
     wide = wide[sorted(wide.columns)].reset_index()
     wide = _ordered(_ordered(wide, "tags.trial.variant", variants), "params.model.arch", ARCH_ORDER)
-    chosen = selected_rates(runs)
+    chosen = _selected(full)
     frame = pd.DataFrame({"architecture": wide["params.model.arch"],
                           "variant": wide["tags.trial.variant"]})
     for lr in [c for c in wide.columns if isinstance(c, float)]:
