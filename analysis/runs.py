@@ -31,12 +31,14 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
+from study import compat
+from study.errors import StudyError
 from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 
 PROJECT = Path(__file__).resolve().parents[1]
 REPAIR = "python -m sweeps status --repair"
 HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS)
-EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.smoke", "sweep.size", "trial.id", "trial.variant",
+EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.size", "trial.id", "trial.variant",
                  "trial.setting", "trial.epochs", "trial.ended", "trial.stopped_early",
                  "trial.failure", "seed", "spec.path", "spec.hash", "git.commit", "git.dirty")
 _ORDER = ["experiment", "tags.sweep.id", "tags.sweep.role", "tags.trial.id", "run_id"]
@@ -50,10 +52,9 @@ NO_PARENT = "no parent run"
 # answers at most 25,000 rows per request.
 SQL_CHUNK, MSSQL_CHUNK, SQL_MAX_RESULTS = 30_000, 2_000, 1_000_000
 REST_CHUNK, REST_MAX_RESULTS = 100, 25_000
-REST_BULK = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"
 
 
-class SelectionError(ValueError):
+class SelectionError(StudyError, ValueError):
     """No sweep to read for an experiment, or a named sweep that is not there."""
 
 
@@ -175,7 +176,7 @@ def _bulk_reader(client) -> tuple[Callable, int, int] | None:
         # the credentials and TLS settings MLflow's own REST client uses (MLFLOW_TRACKING_TOKEN...)
         creds = get_default_host_creds(client.tracking_uri)
         return partial(_rest_fetch, creds), REST_CHUNK, REST_MAX_RESULTS
-    store = client._tracking_client.store  # private: MlflowClient does not expose its store
+    store = compat.mlflow_store(client)
     if not hasattr(store, "get_metric_history_bulk"):  # only the SQL stores (SqlAlchemyStore) have it
         return None
     return (partial(_sql_fetch, store), MSSQL_CHUNK if store.db_type == "mssql" else SQL_CHUNK,
@@ -205,11 +206,8 @@ def _sql_fetch(store, run_ids: list[str], key: str, limit: int) -> list[tuple]:
 
 
 def _rest_fetch(host_creds, run_ids: list[str], key: str, limit: int) -> list[tuple]:
-    from mlflow.utils.rest_utils import http_request_safe
-
-    response = http_request_safe(host_creds, REST_BULK, "GET",
-                                 params={"run_id": run_ids, "metric_key": key, "max_results": limit})
-    return [(m["run_id"], key, m["step"], m["value"]) for m in response.json()["metrics"]]
+    return [(m["run_id"], key, m["step"], m["value"])
+            for m in compat.mlflow_server_history_bulk(host_creds, run_ids, key, limit)]
 
 
 def _every_run(client, experiment_id: str, page: int = 10_000) -> list:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from pandas.io.formats.style_render import _escape_latex
 from scipy import stats
 
 from analysis.runs import Runs
@@ -46,7 +45,7 @@ class Table:
         """A booktabs table float (pandas' Styler), preceded by the provenance as a comment."""
         styler = (self.frame.style.hide(axis="index")
                   .format(_signs, escape="latex").format_index(_signs, escape="latex", axis=1))
-        table = styler.to_latex(caption=_signs(_escape_latex(self.title)), label=f"tab:{self.name}",
+        table = styler.to_latex(caption=_signs(latex_escaped(self.title)), label=f"tab:{self.name}",
                                 position="t", position_float="centering", hrules=True,
                                 column_format="l" * len(self.frame.columns))
         return f"% {self.provenance}\n{table}"
@@ -57,6 +56,13 @@ class Table:
         paths[0].write_text(self.markdown())
         paths[1].write_text(self.latex())
         return paths
+
+
+def latex_escaped(text: str) -> str:
+    """`text` escaped for LaTeX as the Styler escapes the cells (`escape="latex"`), through a
+    one-cell Styler: pandas has no public escaping function, and its Styler leaves a caption as is."""
+    cell = pd.DataFrame([[text]]).style.format(escape="latex").hide(axis="index").hide(axis="columns")
+    return cell.to_string(delimiter="").removesuffix("\n")
 
 
 def provenance(runs: Runs) -> str:

@@ -184,7 +184,7 @@ def against_base(base, candidates: dict, rounds: int, steps: int) -> dict[str, l
     return ratios
 
 
-def activation_cost(rounds: int = 9, block_s: float = 0.06) -> dict[str, float]:
+def activation_cost(rounds: int = 9, block_s: float = 0.06, archs=tuple(ARCHS)) -> dict[str, float]:
     """Training-step time of every paper variant on every architecture, relative to Keras' built-in
     sigmoid in the same network (graph mode, batch 128): the fused op, and the same formulas as
     separate TensorFlow ops ("TF ops": what runs under XLA or without the built kernels, and what
@@ -195,7 +195,7 @@ def activation_cost(rounds: int = 9, block_s: float = 0.06) -> dict[str, float]:
     x = tf.constant(rng.random((PAPER_BATCH, *PAPER_INPUT), dtype=np.float32))
     y = tf.constant(rng.integers(0, 10, PAPER_BATCH).astype(np.int32))
     out = {}
-    for arch in ARCHS:
+    for arch in archs:
         base = train_step(paper_network(arch, ActivationConfig(kind="sigmoid")))
         steps = {"keras relu": train_step(paper_network(arch, ActivationConfig(kind="relu")))}
         for name, cfg in VARIANTS.items():
@@ -239,18 +239,19 @@ def _stack_overflow_mlp() -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(10)(h))
 
 
-def evaluation_cost(epochs: int = 5) -> dict[str, float]:
+def evaluation_cost(epochs: int = 5, archs=tuple(ARCHS), train_size: int = 20000
+                    ) -> dict[str, float]:
     """Per architecture (p = 0.5, c = 1.2, T1's data: 20000 training images, 6000 validation
     images, batch 128), the evaluation pass after an epoch (`study.evaluation`: the binary and
     soft twins and the diagnostics) over the training epoch, as a trial records them
     (time/eval_s, time/epoch_s): the median over epochs 2 to `epochs`."""
     out = {}
-    data = load(DataConfig(train_size=20000))
-    for arch, model in ARCHS.items():
-        flat = {"model.arch": arch, "data.train_size": 20000, "budget.epochs": 100,
+    data = load(DataConfig(train_size=train_size))
+    for arch in archs:
+        flat = {"model.arch": arch, "data.train_size": train_size, "budget.epochs": 100,
                 "budget.batch_size": 128, "activation.p": 0.5, "activation.cutoff": 1.2}
         if arch == "cnn":
-            flat["model.filters"] = list(model.filters)
+            flat["model.filters"] = list(ARCHS[arch].filters)
         trainer = Trainer(TrialConfig.from_flat(flat), dataset=data)
         try:
             history = [trainer.step() for _ in range(epochs)][1:]
@@ -289,11 +290,11 @@ def throughput(rounds: int = 15, steps: int = 20) -> dict[str, float]:
             "step / matmul limit": matmul_s / step_s}
 
 
-def input_pipeline(rounds: int = 11) -> dict[str, float]:
+def input_pipeline(rounds: int = 11, train_size: int | None = None) -> dict[str, float]:
     """A training epoch of Fashion-MNIST (the MLP above, batch 128) through the project's data path
     (`study.train.batches`: per-epoch stateless shuffle, one gather per batch from the images
     scaled to float once per trial) against the same epoch from float tensors in memory, unshuffled."""
-    data = load(DataConfig())
+    data = load(DataConfig() if train_size is None else DataConfig(train_size=train_size))
     model = mlp(lambda: SigmoidOrBinary(p=0.5, seed=0))
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x_float = tf.constant(data.x_train.reshape(len(data.x_train), -1).astype(np.float32) / 255)

@@ -15,11 +15,13 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
+from sweeps.spec import load_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_spec(spec: dict, folder: Path) -> tuple[float, list, float]:
-    """Run a spec through `python -m sweeps run`; (wall seconds of the command, its trial runs,
+def run_spec(spec: dict, folder: Path, size: str = "full") -> tuple[float, list, float]:
+    """Run a spec through `python -m sweeps run --size SIZE`; (wall seconds of the command, its trial runs,
     the seconds its driver took to start Ray, as the sweep's parent run records them). The MLflow
     store exists beforehand, as for every sweep after a project's first (creating an SQLite store
     takes ~1.5 s once)."""
@@ -30,10 +32,11 @@ def run_spec(spec: dict, folder: Path) -> tuple[float, list, float]:
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     client.search_experiments()  # creates the store's tables
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sweeps", "run", str(path)], cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-m", "sweeps", "run", "--size", size, str(path)], cwd=ROOT, env=env,
                    check=True, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
-    experiment = client.get_experiment_by_name(spec["name"])
+    experiment = client.get_experiment_by_name(
+        load_spec(path, "" if size == "full" else size).experiment)
     runs = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'trial'")
     [parent] = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'parent'")
     return wall, [(client, r) for r in runs], parent.data.metrics["time/ray_start_s"]
@@ -61,7 +64,8 @@ def _ray_startup_once() -> float:
 SHORT_TRIALS = {"data.name": "fashion_mnist", "data.train_size": 20000, "budget.epochs": 4}
 
 
-def sweep_overhead(trials: int = 16, slots: int = 2, rounds: int = 3) -> dict[str, float | str]:
+def sweep_overhead(trials: int = 16, slots: int = 2, rounds: int = 3, fixed=SHORT_TRIALS
+                   ) -> dict[str, float | str]:
     """Wall time of a 16-trial sweep of short trials (MLP, 20k Fashion-MNIST images, 4 epochs: ~4 s)
     against the ideal: Ray's start-up plus the trials' own compute shared over the concurrent
     slots. Ray's start-up is sampled alone, two fresh processes after each sweep (on this machine a
@@ -72,7 +76,7 @@ def sweep_overhead(trials: int = 16, slots: int = 2, rounds: int = 3) -> dict[st
     worker: 16 trials through one slot, peak RSS after 16 against after 2."""
     import statistics
 
-    spec = {"name": "bench-overhead", "fixed": SHORT_TRIALS,
+    spec = {"name": "bench-overhead", "fixed": fixed,
             "space": {"activation.p": {"uniform": [0.0, 1.0]}},
             "search": {"algorithm": "qmc", "samples": trials, "max_concurrent": slots},
             "scheduler": {"name": "none"}, "resources": {"cpus": 2 / slots}}
@@ -101,7 +105,7 @@ def sweep_overhead(trials: int = 16, slots: int = 2, rounds: int = 3) -> dict[st
     out["worker trials"] = len(series)
     out["worker peak RSS after 2 trials MB"] = series[1]
     out[f"worker peak RSS after {len(series)} trials MB"] = series[-1]
-    out["peak RSS after 16 / after 2"] = series[-1] / series[1]
+    out[f"peak RSS after {len(series)} / after 2"] = series[-1] / series[1]
     return out
 
 
@@ -119,16 +123,16 @@ def worker_peaks(storage: Path) -> dict[int, list[float]]:
     return peaks
 
 
-def early_stopping() -> dict[str, float]:
-    """The quick sweep with ASHA against the same trials (same TPE seed) without a scheduler; and,
-    from the run without, the engine's overhead on the quick sweep's full-length trials."""
+def early_stopping(size: str = "") -> dict[str, float]:
+    """The quick sweep (at `size`: "" as written, or one of its sizes) with ASHA against the same trials
+    (same TPE seed) without a scheduler; and, from the run without, the engine's overhead on the
+    quick sweep's full-length trials."""
     quick = yaml.safe_load((ROOT / "sweeps" / "specs" / "quick.yaml").read_text())
-    quick.pop("smoke")
     out = {}
     for name, scheduler in (("asha", quick["scheduler"]), ("none", {"name": "none"})):
         spec = {**quick, "name": f"bench-{name}", "scheduler": scheduler}
         with tempfile.TemporaryDirectory() as folder:
-            wall, runs, startup = run_spec(spec, Path(folder))
+            wall, runs, startup = run_spec(spec, Path(folder), size or "full")
             if name == "none":  # the engine's overhead on trials of a real sweep (~8 s each)
                 slots = quick["search"]["max_concurrent"]
                 out["quick sweep without ASHA: sweep / ideal"] = wall / (
@@ -143,7 +147,7 @@ def early_stopping() -> dict[str, float]:
     return out
 
 
-def tracking_cost(pairs: int = 6) -> dict[str, float]:
+def tracking_cost(pairs: int = 6, fixed=SHORT_TRIALS) -> dict[str, float]:
     """The tracker's cost per trial, side by side in one sweep: 2 x `pairs` identical short trials
     (MLP, 20k Fashion-MNIST images, 4 epochs; seeds 0, 1, ...) one after another in one reused
     worker, the MLflow tracker following the even seeds only. Each trial's wall time runs from the
@@ -158,24 +162,22 @@ def tracking_cost(pairs: int = 6) -> dict[str, float]:
 
     from study.config import TrialConfig
     from study.data import load
-    from sweeps import launch, runner, tracking
-    from sweeps.spec import parse_spec
+    from sweeps import api
 
     folder = Path(tempfile.mkdtemp())
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    settings = launch.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
-                               folder / "mlartifacts")
-    raw = {"name": "bench-tracking", "fixed": SHORT_TRIALS,
+    settings = api.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
+                            folder / "mlartifacts")
+    raw = {"name": "bench-tracking", "fixed": fixed,
            "space": {"activation.p": {"grid": [0.5]}}, "seeds": list(range(2 * pairs + 1)),
            "search": {"algorithm": "grid", "max_concurrent": 1}, "scheduler": {"name": "none"},
            "resources": {"cpus": 2}}
-    spec = parse_spec(raw, "bench", "00000000", smoke=False)
-    client = MlflowClient(settings.tracking_uri)
-    exp = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
-    tags = tracking.provenance(spec)
-    tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp,
-                                     tracking.open_parent(client, exp, spec, tags), tags)
+    spec = api.parse_spec(raw, "bench", "00000000")
+    dataset = load(TrialConfig.from_flat(fixed).data)
+    record = api.open_record(spec, settings)
+    tracker = record.tracker(spec, settings, dataset)
+    client, exp = record.client, record.exp_id
     ends: list[tuple[int, float]] = []
 
     def tracked(trial) -> bool:
@@ -198,8 +200,7 @@ def tracking_cost(pairs: int = 6) -> dict[str, float]:
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False)
     try:
-        dataset = load(TrialConfig.from_flat(SHORT_TRIALS).data)
-        runner.new_tuner(spec, settings, dataset, [EvenSeeds()]).fit()
+        api.build_tuner(spec, settings, dataset, [EvenSeeds()]).fit()
         assert tracker.writer.flush(600) == [], "MLflow writes left over"
     finally:
         ray.shutdown()

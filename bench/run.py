@@ -1,8 +1,10 @@
 """`make bench`: the nine benchmarks of the project against their references, side by side in one
-run; writes bench/results.json and bench/results.md (the table the README shows).
+run. Each benchmark's figures and verdicts are written as soon as it ends: bench/results.json,
+bench/results.md and the table in docs/benchmarks.md.
 
     .venv/bin/python bench/run.py [--only activation,evaluation,throughput,pipeline,overhead,asha,tracking,
                                           scale,state]
+    .venv/bin/python bench/run.py --smoke --out DIR   # every benchmark at a tiny size (the tests')
 """
 
 from __future__ import annotations
@@ -56,10 +58,31 @@ TARGETS = {
 }
 
 
+# Each benchmark at a size that runs in well under a minute: what `make test` runs, so that no
+# benchmark rots between two `make bench`. The figures mean nothing at this size.
+SMOKE = {
+    "activation": {"rounds": 1, "block_s": 0.0, "archs": ("mlp",)},
+    "evaluation": {"epochs": 2, "archs": ("mlp",), "train_size": 1000},
+    "throughput": {"rounds": 1, "steps": 1},
+    "pipeline": {"rounds": 1, "train_size": 1000},
+    "overhead": {"trials": 2, "rounds": 1, "fixed": {"data.name": "synthetic", "budget.epochs": 1}},
+    "asha": {"size": "smoke"},
+    "tracking": {"pairs": 1, "fixed": {"data.name": "synthetic", "budget.epochs": 1}},
+    "scale": {"sizes": (5, 10), "server_sizes": ()},
+    "state": {"sizes": (4, 8), "real_up_to": 4, "driven": 2},
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(TARGETS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="every benchmark at its smoke size (SMOKE); figures into --out only")
+    parser.add_argument("--out", type=Path, default=HERE,
+                        help="folder of results.json and results.md (default: bench/)")
     args = parser.parse_args()
+    if args.smoke and args.out == HERE:
+        parser.error("--smoke writes its meaningless figures elsewhere: give --out")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bench import activation, engine, scale, state
 
@@ -72,33 +95,53 @@ def main() -> int:
     results = {"date": today, "machine": f"{platform.machine()}, "
                f"{os.cpu_count()} CPU cores, {platform.python_implementation()} "
                f"{platform.python_version()}", "dates": {}, "benchmarks": {}}
-    previous = HERE / "results.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "results.json"
     if args.only != parser.get_default("only") and previous.exists():  # refresh some, keep others
         kept = json.loads(previous.read_text())
         results["benchmarks"] = kept["benchmarks"]
         results["dates"] = kept.get("dates") or dict.fromkeys(kept["benchmarks"], kept["date"])
     for name in args.only.split(","):
         start = time.perf_counter()
-        figures = run[name]()
+        figures = run[name](**(SMOKE[name] if args.smoke else {}))
         figures["bench seconds"] = time.perf_counter() - start
         results["benchmarks"][name] = figures
         results["dates"][name] = today
         print(name, json.dumps(figures, indent=1), flush=True)
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "results.md").write_text(markdown(results))
-    readme = HERE.parent / "README.md"
-    readme.write_text(with_results(readme.read_text(), markdown(results)))
+        print("\n".join(verdicts(name, figures)), flush=True)
+        write(results, args.out, docs=not args.smoke)
     print(markdown(results))
     return 0
 
 
-README_BLOCK = ("<!-- bench/results.md -->\n", "<!-- end bench/results.md -->\n")
+def verdicts(name: str, figures: dict) -> list[str]:
+    """One line per target of benchmark `name`: its figure, the target and whether it is met
+    ("not measured" where this size does not give the figure)."""
+    lines = []
+    for key, text, ok in TARGETS[name]:
+        value = figures.get(key)
+        verdict = "not measured" if value is None else "met" if ok(value) else "MISSED"
+        shown = "" if value is None else f" = {value:.3f}"
+        lines.append(f"  target {name}: {key}{shown} ({text}): {verdict}")
+    return lines
 
 
-def with_results(readme: str, table: str) -> str:
-    """The README with `table` between its two README_BLOCK markers."""
-    start, end = (readme.index(marker) for marker in README_BLOCK)
-    return readme[:start + len(README_BLOCK[0])] + table + readme[end:]
+def write(results: dict, out: Path, docs: bool) -> None:
+    """The results so far: out/results.json, out/results.md and (`docs`) docs/benchmarks.md's table."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    if docs:
+        page = HERE.parent / "docs" / "benchmarks.md"
+        page.write_text(with_results(page.read_text(), markdown(results)))
+
+
+RESULTS_BLOCK = ("<!-- bench/results.md -->\n", "<!-- end bench/results.md -->\n")
+
+
+def with_results(page: str, table: str) -> str:
+    """`page` with `table` between its two RESULTS_BLOCK markers."""
+    start, end = (page.index(marker) for marker in RESULTS_BLOCK)
+    return page[:start + len(RESULTS_BLOCK[0])] + table + page[end:]
 
 
 def markdown(results: dict) -> str:

@@ -40,7 +40,7 @@ What is real and what is constructed:
   `StudyTrial.save` (a real checkpoint folder); the driver's side is the searcher told the result,
   `KeepWhatRayReads` (the runner's last callback), `Trial.update_last_result`,
   `Trial.on_checkpoint`, the searcher told the end, status TERMINATED. tuner.pkl is that of a real
-  Tuner made by `runner.new_tuner`. Not run: Ray's actors, its per-trial loggers, the tracker
+  Tuner made by `sweeps.api.build_tuner`. Not run: Ray's actors, its per-trial loggers, the tracker
   (measured below), the progress callback.
 - Tracker, at every size: `tracking.MlflowTracker` driven directly, as Ray Tune calls its hooks
   (start, one result, complete) for `driven` (default 100) trials with the results `InstantTrial`
@@ -72,8 +72,8 @@ from unittest import mock
 
 import optuna
 import ray
-from mlflow import MlflowClient
 
+from study import compat
 from study.names import EPOCH_METRICS, FINAL_METRICS
 from sweeps.spec import load_spec
 from sweeps.trainable import SCORE, StudyTrial, peak_rss_mb
@@ -191,10 +191,10 @@ def bench_spec(n: int, folder: Path):
 
 
 def settings_in(folder: Path):
-    from sweeps import launch
+    from sweeps import api
 
-    return launch.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
-                           folder / "mlartifacts", None)
+    return api.Settings(str(folder / "ray"), f"sqlite:///{folder}/mlflow.db",
+                        folder / "mlartifacts", None)
 
 
 def state_bytes(experiment: Path) -> dict[str, float]:
@@ -211,7 +211,7 @@ def real_state(n: int, folder: Path) -> dict[str, float]:
     many snapshots Ray Tune took (`save_to_dir` calls) and the bytes they wrote in all."""
     from ray.tune.execution.tune_controller import TuneController
 
-    from sweeps import launch, runner
+    from sweeps import api
 
     spec, settings = bench_spec(n, folder), settings_in(folder)
     written = []
@@ -219,13 +219,12 @@ def real_state(n: int, folder: Path) -> dict[str, float]:
 
     def counted(controller) -> None:
         save_to_dir(controller)
-        staging = Path(controller._storage.experiment_driver_staging_path)
+        staging = Path(compat.tune_staging_path(controller))
         written.append(sum(p.stat().st_size for p in staging.iterdir() if p.is_file()))
 
-    with mock.patch.object(runner, "StudyTrial", InstantTrial), \
-            mock.patch.object(TuneController, "save_to_dir", counted), \
+    with mock.patch.object(TuneController, "save_to_dir", counted), \
             contextlib.redirect_stdout(io.StringIO()):
-        results = launch.run(spec, settings)
+        results = api.run_sweep(spec, settings, trial=InstantTrial)
     assert len(results) == n and not results.errors, f"{len(results)} trials, {results.errors}"
     return {**state_bytes(Path(settings.storage, spec.sweep_id)), "snapshots": len(written),
             "written": sum(written)}
@@ -236,30 +235,25 @@ def constructed_state(n: int, folder: Path) -> dict[str, float]:
     docstring for what runs)."""
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.experiment import Experiment, Trial
-    from ray.tune.experiment.trial import _get_trainable_kwargs
     from ray.tune.search import SearchGenerator
     from ray.tune.utils import flatten_dict
 
     from study.config import TrialConfig
     from study.data import load
-    from sweeps import runner, tracking
+    from sweeps import api
+    from sweeps.runner import KeepWhatRayReads
 
     spec, settings = bench_spec(n, folder), settings_in(folder)
     dataset = load(TrialConfig.from_flat(spec.fixed).data)
-    client = MlflowClient(settings.tracking_uri)
-    exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
-    tags = tracking.provenance(spec)
-    tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id,
-                                     tracking.open_parent(client, exp_id, spec, tags), tags,
-                                     tracking.DatasetRecord.of(dataset))
-    callbacks = [tracker, runner.Progress(spec), runner.Catch()]
-    with mock.patch.object(runner, "StudyTrial", InstantTrial):
-        runner.new_tuner(spec, settings, dataset, list(callbacks))  # writes tuner.pkl
-        trainable = runner._trainable(spec, dataset)
-    tune_config = runner._tune_config(spec, settings)
-    run_config = runner._run_config(spec, settings, callbacks)
-    experiment = Experiment(name=spec.sweep_id, run=trainable, config=runner._param_space(spec),
-                            num_samples=n, storage_path=settings.storage,
+    record = api.open_record(spec, settings)
+    callbacks = record.callbacks(spec, settings, dataset)
+    tracker = callbacks[0]
+    api.build_tuner(spec, settings, dataset, list(callbacks), trial=InstantTrial)  # tuner.pkl
+    parts = api.tuner_parts(spec, settings, dataset, callbacks, trial=InstantTrial)
+    tune_config, run_config = parts["tune_config"], parts["run_config"]
+    experiment = Experiment(name=spec.sweep_id, run=parts["trainable"],
+                            config=parts["param_space"], num_samples=n,
+                            storage_path=settings.storage,
                             checkpoint_config=run_config.checkpoint_config,
                             max_failures=run_config.failure_config.max_failures)
     search_alg = SearchGenerator(tune_config.search_alg)
@@ -269,14 +263,14 @@ def constructed_state(n: int, folder: Path) -> dict[str, float]:
                                 reuse_actors=True)
     search_alg.add_configurations([experiment])
     keep = run_config.callbacks[-1]
-    assert isinstance(keep, runner.KeepWhatRayReads)
+    assert isinstance(keep, KeepWhatRayReads)
     worker = None
     for index in range(n):
         if index == 1:  # a first snapshot, as Ray's own after the first checkpoint: from then
             controller.checkpoint(force=True, wait=True)  # the trials share a used syncer
         trial = search_alg.next_trial()
         controller.add_trial(trial)
-        kwargs = _get_trainable_kwargs(trial)
+        kwargs = compat.tune_trainable_kwargs(trial)
         if worker is None:
             worker = trial.get_trainable_cls()(**kwargs)
         else:
@@ -290,7 +284,7 @@ def constructed_state(n: int, folder: Path) -> dict[str, float]:
         trial.on_checkpoint(worker.save())
         search_alg.on_trial_complete(trial.trial_id, result=flatten_dict(trial.last_result))
         trial.set_status(Trial.TERMINATED)
-        controller._mark_trial_to_checkpoint(trial)
+        compat.tune_mark_to_checkpoint(controller, trial)
     assert search_alg.next_trial() is None and search_alg.is_finished()
     controller.checkpoint(force=True, wait=True)  # save_to_dir, then the sync to the storage
     tracker.writer.stop()
@@ -303,17 +297,14 @@ def tracker_time(n: int, driven: int, folder: Path) -> dict[str, float]:
     the writer's), which other processes on a shared machine disturb less."""
     from study.config import TrialConfig
     from study.data import load
-    from sweeps import tracking
+    from sweeps import api, tracking
 
     folder.mkdir()
     spec, settings = bench_spec(n, folder), settings_in(folder)
     dataset = load(TrialConfig.from_flat(spec.fixed).data)
-    client = MlflowClient(settings.tracking_uri)
-    exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
-    tags = tracking.provenance(spec)
-    parent = tracking.open_parent(client, exp_id, spec, tags)
-    tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags,
-                                     tracking.DatasetRecord.of(dataset))
+    record = api.open_record(spec, settings)
+    client, exp_id, parent = record.client, record.exp_id, record.parent
+    tracker = record.tracker(spec, settings, dataset)
     rng = random.Random(0)
     trials = []
     cpu = [0.0]  # the hooks' and the writer's thread CPU seconds

@@ -42,9 +42,8 @@ import math
 
 import keras
 import tensorflow as tf
-from keras.src.random.seed_generator import draw_seed  # the seed keras.random.* would use
 
-from study import fused
+from study import compat, fused
 
 GRANULARITIES = ("batch", "example", "unit")
 SURROGATES = ("sigmoid", "ste", "hard_sigmoid")
@@ -194,7 +193,8 @@ def _unit_coins(shape: tf.Tensor, p, seed) -> tf.Tensor:
     bytes of the blocks keras.random.* would draw from the seed (16 coins a block), and m's low 15
     bits are read only where the top 8 equal P's (1 coin in 256), from a second Philox stream (the
     same key, the counter's top bit flipped). The fused kernel draws the same coins."""
-    seed = tf.cast(tf.math.floormod(tf.cast(draw_seed(seed), tf.int64), 2**31 - 2), tf.int32)
+    drawn = tf.cast(compat.keras_draw_seed(seed), tf.int64)
+    seed = tf.cast(tf.math.floormod(drawn, 2**31 - 2), tf.int32)
     key, counter, alg = tf.raw_ops.StatelessRandomGetKeyCounterAlg(seed=seed)
     n = tf.reduce_prod(shape)
     words = tf.raw_ops.StatelessRandomUniformFullIntV2(
@@ -257,11 +257,11 @@ def _fused_op(x: tf.Tensor, p, slope: float, cutoff: float, granularity: str, no
     keras.random.normal's to a few ulps. Its second output keeps what the backward needs:
     sigmoid(s z), zeroed where |z| >= T (the surrogate's mask, decided once in the forward), or z
     for "ste"/"hard_sigmoid" with noise."""
-    noise_seed = tf.cast(draw_seed(seed), tf.int64) if noise_std > 0 else None
+    noise_seed = tf.cast(compat.keras_draw_seed(seed), tf.int64) if noise_std > 0 else None
     if not isinstance(p, tf.Tensor) and p in (0, 1):
         coin, coin_seed = ("hard" if p == 1 else "soft"), None
     else:
-        coin, coin_seed = granularity, tf.cast(draw_seed(seed), tf.int64)
+        coin, coin_seed = granularity, tf.cast(compat.keras_draw_seed(seed), tf.int64)
     keep = "sig" if surrogate == "sigmoid" else "z" if noise_std > 0 else "none"
 
     @tf.custom_gradient
@@ -304,20 +304,14 @@ def traced_gradients() -> frozenset[str]:
     after another (a reused Ray worker) calls `forget_gradients(traced_gradients() - before)` once a
     model is done with: its graphs are traced, and nothing will differentiate them again.
     """
-    return frozenset(k for k in _gradient_registry() if k.startswith("CustomGradient-"))
+    return frozenset(k for k in compat.tf_gradient_registry() if k.startswith("CustomGradient-"))
 
 
 def forget_gradients(names: frozenset[str]) -> None:
     """Unregister custom gradients by name (see `traced_gradients`)."""
-    registry = _gradient_registry()
+    registry = compat.tf_gradient_registry()
     for name in names:
         registry.pop(name, None)
-
-
-def _gradient_registry() -> dict:
-    from tensorflow.python.framework import ops  # TensorFlow keeps no public handle on it
-
-    return ops._gradient_registry._registry
 
 
 @keras.saving.register_keras_serializable(package="study")

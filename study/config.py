@@ -13,11 +13,12 @@ import dataclasses
 import difflib
 import json
 import math
-import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from study.errors import StudyError
 
 # The most of each count and size: far beyond any realistic study, short of a trial that never ends or
 # never fits in memory.
@@ -33,11 +34,8 @@ TRAIN_IMAGES = {"fashion_mnist": 60_000, "digits": 1_797 - 1_797 // 5, "syntheti
 DATA_SIZE_KEYS = ("data.name", "data.val_fraction", "data.train_size", "budget.batch_size")  # checked as one
 
 
-class ConfigError(ValueError):
+class ConfigError(StudyError, ValueError):
     """A bad key or value in a trial config; the message (one line) names the dotted key."""
-
-    def __init__(self, message: str):
-        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -343,14 +341,6 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
 def is_int(value: Any) -> bool:
     """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def one_line(text: str) -> str:
-    """`text` with its line breaks escaped (\\n), so that an error message stays one line."""
-    return _LINE_BREAKS.sub(lambda match: repr(match.group())[1:-1], text)
-
-
-_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from study.config import DataConfig, one_line, val_images
+from study.config import DataConfig, val_images
+from study.errors import StudyError, first_line
 
 FASHION_MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -52,11 +53,8 @@ _FIX_COPY = ("replace it with the published file, or move this copy away and run
              "STUDY_DATA_DIR to a folder holding the four intact *-ubyte.gz files)")
 
 
-class DatasetError(ValueError):
+class DatasetError(StudyError, ValueError):
     """A dataset cannot be used (missing, corrupt, truncated); the message is one line with the fix."""
-
-    def __init__(self, message: str):
-        super().__init__(one_line(message))
 
 
 class DatasetNotFound(DatasetError, FileNotFoundError):
@@ -152,9 +150,8 @@ def _download(allowed: bool) -> Path:
                                       cache_subdir=os.path.join("datasets", "fashion-mnist"))
                  for name in FASHION_MNIST_FILES.values()]
     except Exception as err:  # any network or file error: report it with the fix
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DatasetNotFound(
-            f"Fashion-MNIST not found in {looked} and the download failed ({reason}): {_FIX}"
+            f"Fashion-MNIST not found in {looked} and the download failed ({first_line(err)}): {_FIX}"
         ) from err
     return Path(paths[0]).parent
 

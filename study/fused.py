@@ -23,6 +23,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from study import compat
+from study.errors import first_line
+
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCE = KERNELS / "sigmoid_or_binary.cc"
 LIBRARY = KERNELS / "sigmoid_or_binary.so"
@@ -43,7 +46,7 @@ def ops():
         try:
             return tf.load_op_library(str(LIBRARY))
         except (tf.errors.OpError, OSError) as error:
-            reason = f"{LIBRARY.name} does not load: {str(error).splitlines()[0]}"
+            reason = f"{LIBRARY.name} does not load: {first_line(error)}"
     log.warning("study: fused activation kernels not loaded (%s); run `make setup`. The activation "
                 "runs as separate TensorFlow ops meanwhile (same values, slower).", reason)
     return None
@@ -68,10 +71,7 @@ def disabled():
 
 
 def _in_xla() -> bool:
-    from tensorflow.python.framework import ops as tf_ops  # no public handle on the XLA context
-    from tensorflow.python.ops import control_flow_util
-
-    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+    return compat.tf_in_xla_context(tf.compat.v1.get_default_graph())
 
 
 @functools.cache

@@ -36,6 +36,7 @@ from study.activations import forget_gradients, traced_gradients
 from study.calibration import calibrate, reset
 from study.config import OptimConfig, TrialConfig
 from study.data import Dataset, load
+from study.errors import first_line
 from study.evaluation import Evaluator
 from study.models import build_network
 from study.names import CALIBRATED, TEST_EPOCH
@@ -180,8 +181,8 @@ class Trainer:
         try:
             self._checkpoint().read(str(folder / CHECKPOINT)).assert_consumed()
         except (AssertionError, ValueError, tf.errors.OpError) as err:
-            first = str(err).strip().splitlines()[0][:300]
-            raise ValueError(f"{folder}: the checkpoint does not match this model ({first}): was "
+            raise ValueError(f"{folder}: the checkpoint does not match this model "
+                             f"({first_line(err, 300)}): was "
                              "it made with another config?") from err
         self.history[:] = json.loads((folder / "history.json").read_text())
         self._score_codes()

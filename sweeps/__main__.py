@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+from study.errors import StudyError
 from sweeps.spec import SIZES
 
 # Ray Tune's own console output gives way to sweeps.progress.Progress; its per-trial records stay.
@@ -64,18 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {args.base} (no runs yet: make sweep)")
         return 0
 
-    from sweeps.spec import SpecError, load_spec
+    from sweeps.spec import load_spec
 
     try:
         specs = [load_spec(path, size=spec_size(args))
                  for path in (args.specs if args.command == "check" else [args.spec])]
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except StudyError as err:
+        return refused(err)
     if args.command == "check":
         if args.reachable:
             from sweeps import resources
-            from sweeps.preflight import SweepError, check_ray, check_storage, check_tracking
+            from sweeps.preflight import check_ray, check_storage, check_tracking
 
             address, storage = os.environ.get("RAY_ADDRESS"), os.environ.get("STORAGE", "")
             try:
@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                          and not resources.can_grow() else None)
                 for spec in specs if nodes is not None else []:
                     resources.check_fits(spec.resources, nodes, f"node of the cluster at {address}")
-            except SweepError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
+            except StudyError as err:
+                return refused(err)
         for spec in specs:
             print(f"{spec.path}: ok ({spec.num_trials} trials, {spec.search.algorithm})")
         return 0
@@ -111,11 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             f"command runs again ({resume_command(args)})" if launch.recording else
             "before the sweep started; nothing was recorded"), file=sys.stderr)
         return interrupt.exit_status()
-    except launch.SweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except StudyError as err:
+        return refused(err)
     print(summary(results, specs[0]))
     return 0 if not results.errors else 1
+
+
+def refused(err: StudyError) -> int:
+    """A mistake the user can fix: its one line on stderr, exit status 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 def add_size(command: argparse.ArgumentParser) -> None:
@@ -136,12 +140,11 @@ def resume_command(args) -> str:
 
 
 def summary(results, spec) -> str:
-    """The sweep's outcome: trials, failures, and the best trial by its score (`trainable.SCORE`;
-    a trial recorded before scores existed, by its last value of the metric)."""
+    """The sweep's outcome: trials, failures, and the best trial by its score (`trainable.SCORE`)."""
     from sweeps.trainable import SCORE
 
     lines = [f"{spec.sweep_id}: {len(results)} trials, {len(results.errors)} failed"]
-    scored = [(r.metrics.get(SCORE, r.metrics.get(spec.metric)), r) for r in results
+    scored = [(r.metrics.get(SCORE), r) for r in results
               if r.metrics and r.error is None]
     scored = [(value, r) for value, r in scored if value is not None and value == value]
     if scored:

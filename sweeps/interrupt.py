@@ -32,6 +32,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from study.errors import first_line
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 GRACE_S = float(os.environ.get("STUDY_STOP_GRACE_S", 10))
 REPEAT_S = 1.0
@@ -118,7 +120,7 @@ def _close_and_exit(why: str) -> None:
     try:
         _leave(f"{head}: {_at_once()}" if _at_once is not None else head)
     except Exception as err:  # the store did not answer: say so, leave anyway
-        _leave(f"{head}, but the record could not be closed ({str(err).splitlines()[0][:200]}); "
+        _leave(f"{head}, but the record could not be closed ({first_line(err, 200)}); "
                "`python -m sweeps status --repair` closes it")
 
 

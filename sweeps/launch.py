@@ -7,15 +7,14 @@ tuning side takes ~1.9 s of CPU and MLflow opening its store ~1 s more; starting
 ~3.1 s where one after the other took 4.2-5.3 s (5 runs each on 2 cores).
 
 Two threads importing at once are safe as long as no module is imported by both while it imports
-others: Ray's start imports a few modules of its own lazily, and `RAY_INIT_IMPORTS` are those of
-them the tuning side needs too; they are imported first, so the two sets are apart (a test checks
-this against the pinned versions).
+others: Ray's start imports a few modules of its own lazily, and `study.compat.RAY_INIT_IMPORTS`
+are those of them the tuning side needs too; they are imported first, so the two sets are apart (a
+test checks this against the pinned versions).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import signal
 import threading
@@ -24,6 +23,7 @@ import time
 import psutil
 import ray
 
+from study import compat
 from study.config import TrialConfig
 from study.data import DatasetError, load
 from sweeps import interrupt, resources
@@ -39,19 +39,15 @@ from sweeps.preflight import (
 from sweeps.settings import Settings
 from sweeps.spec import SweepSpec
 
-# What `ray.init` of a local cluster imports lazily (its usage statistics, its dashboard's optional
-# dependencies, its CLI helpers) that the tuning side imports as well (Ray 2.60, MLflow 3.17).
-RAY_INIT_IMPORTS = ("ray._common.usage.usage_lib", "ray.dashboard.optional_deps", "click")
-
-
 recording = False  # whether this driver has begun writing to the tracking store
 
 
-def run(spec: SweepSpec, settings: Settings, resume: str = ""):
+def run(spec: SweepSpec, settings: Settings, resume: str = "", trial: type | None = None):
     """Run (or resume) the sweep to the end and close its MLflow runs; Ray Tune's ResultGrid. The
     data, the tracking store, the storage, the Ray cluster and its room for one trial are checked,
     and the sweep's driver lock taken, before anything is started or written. `resume` is the
-    command that resumes it, named when a stop signal ends the driver at once."""
+    command that resumes it, named when a stop signal ends the driver at once; `trial` a subclass of
+    `StudyTrial` to run instead (the benchmarks')."""
     global recording
     interrupt.install(resume)
     try:
@@ -67,8 +63,7 @@ def run(spec: SweepSpec, settings: Settings, resume: str = ""):
         resources.check_fits(spec.resources, [resources.local_node()], "node (this machine)")
     lock = DriverLock(settings.storage, spec.sweep_id).acquire()
     try:
-        for name in RAY_INIT_IMPORTS:
-            importlib.import_module(name)
+        compat.import_ray_init_modules()
         loading = threading.Thread(target=load_tuning, args=(settings.tracking_uri,), daemon=True,
                                    name="load-tuning")
         loading.start()
@@ -80,7 +75,7 @@ def run(spec: SweepSpec, settings: Settings, resume: str = ""):
             if grows or not resources.can_grow():
                 resources.check_fits(spec.resources, nodes, "node of the cluster", grows)
         recording = True
-        return runner.run_locked(spec, settings, dataset, ray_start_s)
+        return runner.run_locked(spec, settings, dataset, ray_start_s, trial or runner.StudyTrial)
     finally:
         lock.release()
 
@@ -132,12 +127,12 @@ def stop_ray() -> None:
     blocked in them), so Ray's shutdown, which sends SIGTERM and waits a second for each before
     SIGKILL, SIGKILLs them at once instead, and then their descendants (the dashboard and runtime
     env agents the raylet started) are killed: they keep nothing, the record is closed by then."""
-    if not _started_here or ray._private.worker._global_node is None:
+    node = compat.ray_local_node() if _started_here else None
+    if node is None:
         ray.shutdown()
         return
-    node, processes = _local_processes()
-    kill = node.kill_all_processes
-    node.kill_all_processes = lambda **how: kill(**{**how, "allow_graceful": False})
+    processes = _local_processes(node)
+    compat.ray_kill_at_once_on_shutdown(node)
     ray.shutdown()
     _kill(processes)
 
@@ -145,21 +140,19 @@ def stop_ray() -> None:
 def kill_local_ray() -> None:
     """SIGKILL the local cluster started here and everything it started, without `ray.shutdown`
     (which would wait on a driver that is stopping at once)."""
-    if _started_here and ray._private.worker._global_node is not None:
-        _kill(_local_processes()[1])
+    node = compat.ray_local_node() if _started_here else None
+    if node is not None:
+        _kill(_local_processes(node))
 
 
-def _local_processes() -> tuple:
-    """Ray's node of the local cluster (`ray._private.worker._global_node`: its `all_processes`
-    and `kill_all_processes`, as in Ray 2.60) and every process of it, descendants included."""
-    node = ray._private.worker._global_node
+def _local_processes(node) -> list:
+    """Every process of Ray's local node (`compat.ray_local_node`), descendants included."""
     processes = []
-    for infos in node.all_processes.values():
-        for info in infos:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(info.process.pid)
-                processes += [root, *root.children(recursive=True)]
-    return node, processes
+    for pid in compat.ray_node_pids(node):
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            processes += [root, *root.children(recursive=True)]
+    return processes
 
 
 def _kill(processes: list, timeout_s: float = 5.0) -> None:

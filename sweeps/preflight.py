@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlparse
 
-from study.config import one_line
+from study.errors import StudyError, first_line
 
 _DATABASES = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # SQLAlchemy dialects, default ports
 _HOSTED = ("databricks", "databricks-uc", "uc")
@@ -30,11 +30,8 @@ _SQLITE_HEADER = b"SQLite format 3\0"
 MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags"}
 
 
-class SweepError(RuntimeError):
+class SweepError(StudyError, RuntimeError):
     """The sweep cannot start; the message is one line."""
-
-    def __init__(self, message: str):
-        super().__init__(one_line(message))
 
 
 def error_line(text: str) -> str:
@@ -216,7 +213,7 @@ def check_studies(url: str | None, timeout: float = 5.0) -> None:
     try:
         sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
     except (ImportError, sqlalchemy.exc.ArgumentError) as err:
-        raise SweepError(f"OPTUNA_STORAGE {_masked(url)!r}: SQLAlchemy cannot use it ({_first_line(err)}"
+        raise SweepError(f"OPTUNA_STORAGE {_masked(url)!r}: SQLAlchemy cannot use it ({first_line(err)}"
                          f"; for PostgreSQL write postgresql+psycopg2://...)") from None
     if dialect == "sqlite":
         path = Path(url.split("://", 1)[1][1:])
@@ -243,7 +240,7 @@ def _check_database(uri: str, dialect: str, timeout: float,
             psycopg2.connect(f"postgresql://{uri.split('://', 1)[1]}",
                              connect_timeout=max(2, int(timeout))).close()
         except psycopg2.Error as err:
-            raise SweepError(f"{where} is unreachable ({_first_line(err)})") from None
+            raise SweepError(f"{where} is unreachable ({first_line(err)})") from None
         return
     try:
         parsed = urlparse(uri)
@@ -286,7 +283,7 @@ def _check_remote_storage(storage: str) -> None:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
     except (pyarrow.ArrowException, OSError, ValueError) as err:
         raise SweepError(f"{where}: pyarrow (Ray's storage layer) cannot open it "
-                         f"({_first_line(err)})") from None
+                         f"({first_line(err)})") from None
     if filesystem.type_name != "s3":
         return
     where += f" at endpoint {s3_endpoint(storage)}"
@@ -295,7 +292,7 @@ def _check_remote_storage(storage: str) -> None:
         filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
         missing = filesystem.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound
     except OSError as err:
-        text = _first_line(err).split(" (Request ID", 1)[0]
+        text = first_line(err).split(" (Request ID", 1)[0]
         code = re.search(r"AWS Error (\w+)", text)
         problem = _S3_PROBLEMS.get(code.group(1) if code else "", "it cannot be listed")
         raise SweepError(f"{where}: {problem} ({text})") from None
@@ -324,11 +321,6 @@ def _unwritable(folder: Path) -> str | None:
     os.close(handle)
     os.unlink(name)
     return None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _masked(uri: str) -> str:

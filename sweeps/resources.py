@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from study import compat
 from sweeps.preflight import SweepError
 from sweeps.spec import Resources
 
@@ -21,27 +22,16 @@ from sweeps.spec import Resources
 def local_node() -> dict[str, float]:
     """CPUs and GPUs that `ray.init()` would register on this machine (Ray's own detection:
     cgroup CPU limits, CUDA_VISIBLE_DEVICES)."""
-    from ray._private.accelerators import get_accelerator_manager_for_resource
-    from ray._private.utils import get_num_cpus
-
-    gpus = get_accelerator_manager_for_resource("GPU")
-    visible = gpus.get_current_process_visible_accelerator_ids()
-    count = len(visible) if visible is not None else gpus.get_current_node_num_accelerators()
-    return {"CPU": float(get_num_cpus()), "GPU": float(count)}
+    return {"CPU": float(compat.ray_local_cpus()), "GPU": float(compat.ray_local_gpus())}
 
 
 def cluster_nodes() -> tuple[list[dict[str, float]], bool]:
     """The connected cluster's node shapes: alive nodes, plus the node types an autoscaler may add;
     and whether such an autoscaling configuration exists."""
     import ray
-    from ray._private.state import state
 
     shapes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-    config = None
-    try:
-        config = state.get_cluster_config()
-    except Exception:  # an older GCS without the autoscaler's key: a fixed cluster
-        config = None
+    config = compat.ray_cluster_config()
     groups = [dict(group.resources) for group in config.node_group_configs
               if group.max_count != 0] if config is not None else []
     return shapes + [{k: float(v) for k, v in g.items()} for g in groups], bool(groups)

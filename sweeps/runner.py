@@ -7,14 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from ray import tune
-from ray.tune.execution import class_cache
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from study import compat
 from sweeps import interrupt, tracking
 from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, error_line, storage_join
@@ -32,17 +33,45 @@ def open_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
 
 
-def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float | None
-               ) -> tune.ResultGrid:
-    """Run (or resume) the sweep under its driver lock on a started Ray, recording it in MLflow;
-    the record is closed whatever happens (KILLED on a signal, FAILED on an error)."""
+@dataclass(frozen=True)
+class Record:
+    """A sweep's record, open in MLflow: its experiment, its parent run (RUNNING), the provenance
+    tags every run of it carries, and how many runs a dead driver of it had left RUNNING."""
+    client: MlflowClient
+    exp_id: str
+    parent: str
+    tags: dict[str, str]
+    stale: int
+
+    def tracker(self, spec: SweepSpec, settings: Settings, dataset) -> tracking.MlflowTracker:
+        """The Ray Tune callback that records the sweep's trials under the parent run."""
+        return tracking.MlflowTracker(spec, settings.tracking_uri, self.exp_id, self.parent,
+                                      self.tags, tracking.DatasetRecord.of(dataset))
+
+    def callbacks(self, spec: SweepSpec, settings: Settings, dataset) -> list[tune.Callback]:
+        """A sweep's own callbacks: the record's tracker, the live progress, the stop signals."""
+        return [self.tracker(spec, settings, dataset), Progress(spec), Catch()]
+
+
+def open_record(spec: SweepSpec, settings: Settings) -> Record:
+    """Open (or reopen, on resume) the sweep's record: its experiment; the runs of earlier versions
+    of the spec and of this sweep that dead drivers left RUNNING closed KILLED (a line printed for
+    each earlier version); its parent run."""
     client = MlflowClient(settings.tracking_uri)
     exp_id = tracking.experiment_id(client, spec.experiment, settings.artifact_root)
     for line in close_other_sweeps(client, exp_id, spec, settings.storage):
         print(line, flush=True)
     stale = tracking.close_stale_runs(client, exp_id, spec.sweep_id)
     tags = tracking.provenance(spec)
-    parent = tracking.open_parent(client, exp_id, spec, tags)
+    return Record(client, exp_id, tracking.open_parent(client, exp_id, spec, tags), tags, stale)
+
+
+def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float | None,
+               trial: type[StudyTrial] = StudyTrial) -> tune.ResultGrid:
+    """Run (or resume) the sweep under its driver lock on a started Ray, recording it in MLflow;
+    the record is closed whatever happens (KILLED on a signal, FAILED on an error)."""
+    record = open_record(spec, settings)
+    client, exp_id, parent, stale = record.client, record.exp_id, record.parent, record.stale
     if ray_start_s is not None:  # one value per launch
         client.log_metric(parent, "time/ray_start_s", ray_start_s)
     path = storage_join(settings.storage, spec.sweep_id)
@@ -54,12 +83,11 @@ def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float 
     interrupt.on_stop_at_once(lambda: close_at_once(client, exp_id, spec, parent))
     try:
         if resumed:
-            tuner = tune.Tuner.restore(path, trainable=_trainable(spec, dataset),
+            tuner = tune.Tuner.restore(path, trainable=trainable(spec, dataset, trial),
                                        resume_errored=True)
         else:
-            tracker = tracking.MlflowTracker(spec, settings.tracking_uri, exp_id, parent, tags,
-                                             tracking.DatasetRecord.of(dataset))
-            tuner = new_tuner(spec, settings, dataset, [tracker, Progress(spec), Catch()])
+            tuner = new_tuner(spec, settings, dataset, record.callbacks(spec, settings, dataset),
+                              trial)
         try:
             results = tuner.fit()
         finally:
@@ -163,34 +191,34 @@ def close_other_sweeps(client, exp_id: str, spec: SweepSpec, storage: str) -> li
     return lines
 
 
-def new_tuner(spec: SweepSpec, settings: Settings, dataset, callbacks: list[tune.Callback]
-              ) -> tune.Tuner:
-    """The Tuner of a new sweep: StudyTrial on the spec's resources, searcher and scheduler."""
-    return tune.Tuner(_trainable(spec, dataset), param_space=_param_space(spec),
-                      tune_config=_tune_config(spec, settings),
-                      run_config=_run_config(spec, settings, callbacks))
+def new_tuner(spec: SweepSpec, settings: Settings, dataset, callbacks: list[tune.Callback],
+              trial: type[StudyTrial] = StudyTrial) -> tune.Tuner:
+    """The Tuner of a new sweep: `trial` (a StudyTrial, or a subclass that replaces its training)
+    on the spec's resources, searcher and scheduler, with `callbacks` before Ray's loggers."""
+    return tune.Tuner(trainable(spec, dataset, trial), param_space=param_space(spec),
+                      tune_config=tune_config(spec, settings),
+                      run_config=run_config(spec, settings, callbacks))
 
 
-def _trainable(spec: SweepSpec, dataset):
-    """StudyTrial with the sweep's spec and data, on the spec's resources, in workers Ray has
-    prestarted: Ray Tune gives every trainable actor the runtime env {"env_vars":
-    {"PL_DISABLE_FORK": "1"}} (a PyTorch Lightning switch, `ray.tune.execution.class_cache` in
-    Ray 2.60), and an actor with an environment of its own cannot take the workers Ray prestarts
-    for the driver, so every slot started a fresh worker (~1 s) while those sat idle. Nothing here
-    uses Lightning: without that variable the trials take the prestarted workers. Variables Tune
-    passes on from the driver's environment (AWS credentials for S3 storage) still go."""
-    class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
-    return tune.with_resources(tune.with_parameters(StudyTrial, spec=spec, dataset=dataset),
+def trainable(spec: SweepSpec, dataset, trial: type[StudyTrial] = StudyTrial):
+    """`trial` with the sweep's spec and data, on the spec's resources, in workers Ray has
+    prestarted: Ray Tune gives every trainable actor the environment variable PL_DISABLE_FORK (a
+    PyTorch Lightning switch), and an actor with an environment of its own cannot take the workers
+    Ray prestarts for the driver, so every slot would start a fresh worker while those sit idle.
+    Nothing here uses Lightning. Variables Tune passes on from the driver's environment (AWS
+    credentials for S3 storage) still go."""
+    compat.tune_drop_actor_env_var("PL_DISABLE_FORK")
+    return tune.with_resources(tune.with_parameters(trial, spec=spec, dataset=dataset),
                                {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
 
 
-def _param_space(spec: SweepSpec) -> dict:
+def param_space(spec: SweepSpec) -> dict:
     if spec.search.algorithm == "grid":
         return {"trial": tune.grid_search(spec.grid())}
     return {}
 
 
-def _tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
+def tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
     search_alg, samples = None, 1
     if spec.search.algorithm != "grid":
         searcher = StudySearch(space=DefineByRun(spec), metric=SCORE, mode=spec.mode,
@@ -211,7 +239,7 @@ def _tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
                            else None)
 
 
-def _run_config(spec: SweepSpec, settings: Settings, callbacks) -> tune.RunConfig:
+def run_config(spec: SweepSpec, settings: Settings, callbacks) -> tune.RunConfig:
     """The run's callbacks are the given ones, Ray's per-trial loggers, then `KeepWhatRayReads`
     (last: everything before it sees the whole result)."""
     callbacks = [*callbacks, *ray_loggers(), KeepWhatRayReads()]

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
+from study import compat
 from sweeps.spec import SweepSpec, encode_choice
 
 
@@ -57,25 +58,26 @@ class StudySearch(OptunaSearch):
                           error: bool = False) -> None:
         """Ray's OptunaSearch, then the finished trial's Optuna handle is dropped: Ray keeps one
         per trial for good (~240 B each in the searcher's pickle, rewritten at every snapshot of
-        the experiment), yet never reads it again once the trial is in `_completed_trials`, which
-        its hooks check first; the study holds the told trial, and `forget_orphans` needs only
-        the handles of trials not yet told (those it must not close)."""
+        the experiment), yet never reads it again once the trial is among those it told
+        (`compat.tune_search_completed`), which its hooks check first; the study holds the told
+        trial, and `forget_orphans` needs only the handles of trials not yet told (those it must
+        not close)."""
         super().on_trial_complete(trial_id, result=result, error=error)
-        if trial_id in self._completed_trials:
-            self._ot_trials.pop(trial_id, None)
+        if trial_id in compat.tune_search_completed(self):
+            compat.tune_search_trials(self).pop(trial_id, None)
 
 
 def forget_orphans(searcher: OptunaSearch) -> int:
     """Close the study's RUNNING trials that `searcher` does not know; how many there were."""
-    study = searcher._ot_study  # Ray Tune keeps no public handle on it
+    study = compat.tune_search_study(searcher)
     if study is None:
         return 0
-    known = {trial.number for trial in searcher._ot_trials.values()}
+    known = {trial.number for trial in compat.tune_search_trials(searcher).values()}
     orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                if t.number not in known]
     for trial in orphans:
-        study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        compat.optuna_set_trial_user_attr(study, trial, "orphaned", True)
+        study.tell(trial.number, state=TrialState.FAIL)
     return len(orphans)
 
 

@@ -25,12 +25,12 @@ def test_the_launcher_imports_neither_the_tuning_side_nor_tensorflow():
 
 
 IMPORTED_BY = """
-import importlib, json, sys
+import json, sys
+from study import compat
 from sweeps import launch
 what, first = sys.argv[1], sys.argv[2] == "first"
 if first:
-    for name in launch.RAY_INIT_IMPORTS:
-        importlib.import_module(name)
+    compat.import_ray_init_modules()
 before = set(sys.modules)
 if what == "ray":
     launch.start_ray()
@@ -45,7 +45,7 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 @pytest.mark.slow
 @pytest.mark.parametrize("first,apart", [("first", True), ("not-first", False)])
 def test_ray_start_and_the_tuning_side_import_no_module_in_common(tmp_path, first, apart):
-    """With `RAY_INIT_IMPORTS` imported first, what starting Ray imports and what loading the
+    """With `compat.RAY_INIT_IMPORTS` imported first, what starting Ray imports and what loading the
     tuning side (with MLflow opening its store) imports are apart; without, they are not (the
     check can fail). A Ray or MLflow upgrade that changes this fails here."""
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}

@@ -97,7 +97,8 @@ def test_the_tracker_finds_the_sweeps_runs_once_not_once_per_trial(tmp_path, mon
     parent = client.create_run(exp, tags={"sweep.id": SPEC.sweep_id, "sweep.role": "parent"})
     searches = []
     find_runs = tracking.find_runs
-    monkeypatch.setattr(tracking, "find_runs", lambda *a: searches.append(a) or find_runs(*a))
+    monkeypatch.setattr(tracking.callback, "find_runs",  # the name the tracker calls
+                        lambda *a: searches.append(a) or find_runs(*a))
     tracker = tracking.MlflowTracker(SPEC, uri, exp, parent.info.run_id, {"sweep.id": SPEC.sweep_id})
     trials = [SimpleNamespace(trial_id=f"t{i:02d}", config={"activation.p": i / 30, "seed": 0},
                               status="RUNNING", checkpoint=None) for i in range(30)]

@@ -394,8 +394,8 @@ launch.start_ray()
 if sys.argv[1] == "as-the-sweep":
     spec = parse_spec({"name": "p", "fixed": {"data.name": "synthetic"},
                        "space": {"activation.p": {"grid": [0.5]}}, "search": {"algorithm": "grid"}},
-                      "p.yaml", "0" * 8, smoke=False)
-    runner._trainable(spec, None)
+                      "p.yaml", "0" * 8)
+    runner.trainable(spec, None)
 
 def idle():
     return sorted(p.pid for p in __import__("psutil").Process().children(recursive=True)
