@@ -40,7 +40,7 @@ REPAIR = "python -m sweeps status --repair"
 HISTORY_KEYS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, *TRIAL_CONSTANTS)
 EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.size", "trial.id", "trial.variant",
                  "trial.setting", "trial.epochs", "trial.ended", "trial.stopped_early",
-                 "trial.failure", "seed", "spec.path", "spec.hash", "git.commit", "git.dirty")
+                 "trial.failure", "seed", "spec.path", "spec.hash", "git.commit", "git.commits", "git.dirty")
 _ORDER = ["experiment", "tags.sweep.id", "tags.sweep.role", "tags.trial.id", "run_id"]
 COMPLETE = "FINISHED"  # the parent run's status once its sweep ran to its end
 NO_PARENT = "no parent run"

@@ -70,7 +70,9 @@ def provenance(runs: Runs) -> str:
     trials = runs.trials
     experiments = ", ".join(sorted(set(trials["experiment"])))
     sweeps = ", ".join(sorted(set(trials["tags.sweep.id"])))
-    commits = sorted(set(trials["tags.git.commit"].str[:10]))
+    ran = (trials["tags.git.commits"].fillna(trials["tags.git.commit"])  # runs resumed across
+           if "tags.git.commits" in trials else trials["tags.git.commit"])  # commits name each
+    commits = sorted({commit[:10] for each in ran for commit in str(each).split(",")})
     dirty = " (some runs from a dirty tree)" if (trials["tags.git.dirty"] == "true").any() else ""
     ended = pd.to_datetime(trials["end_time"].max(), unit="ms", utc=True).strftime("%Y-%m-%d")
     return (f"MLflow experiment {experiments}; sweeps {sweeps}; {len(trials)} runs; code "

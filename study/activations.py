@@ -300,7 +300,7 @@ def traced_gradients() -> frozenset[str]:
     Traced in graph mode (inside `tf.function`, so in every `model.fit`), each call of the op
     registers its gradient function in TensorFlow's process-wide gradient registry, and nothing
     removes it; the function closes over tensors of the traced graph, so every model a process ever
-    trained stays in memory (~7 MB per trial of the default MLP). A process that trains one model
+    trained stays in memory (megabytes per trial). A process that trains one model
     after another (a reused Ray worker) calls `forget_gradients(traced_gradients() - before)` once a
     model is done with: its graphs are traced, and nothing will differentiate them again.
     """

@@ -1,9 +1,9 @@
 """Import TensorFlow (and Keras with it) without the optional packages Keras imports eagerly for
 features the study never uses: scikit-learn (Keras' scikit-learn wrappers) and matplotlib (its
 image-gallery plot). Keras imports both under `try: ... except ImportError`, so hiding them while
-it loads leaves those two features off in this process and everything else as it is. They are
-~1 s of CPU out of ~3.6 s for `import tensorflow, keras` on this machine: a second a Ray worker
-saves before its first trial, with every slot's worker starting at once on a small machine.
+it loads leaves those two features off in this process and everything else as it is. They are a
+large part of the import's CPU time, which every Ray worker pays before its first trial, with every
+slot's worker starting at once (docs/benchmarks.md, "Figures behind the design").
 """
 
 from __future__ import annotations

@@ -158,8 +158,8 @@ def summary(results, spec) -> str:
 def exit_at_once(code: int) -> None:
     """End the process when `main` is done: Ray shut down (as its own atexit handler would, at
     once for a local cluster: `launch.stop_ray`), logs and output flushed, then `os._exit`, without
-    the interpreter's finalization of Ray, MLflow, SQLAlchemy and pandas (~1.1 s after a sweep on
-    2 cores). Nothing is left to write by then: the record is closed, the tracker flushed, Ray
+    the interpreter's finalization of Ray, MLflow, SQLAlchemy and pandas, which takes a second
+    after a sweep. Nothing is left to write by then: the record is closed, the tracker flushed, Ray
     Tune's state synced, every database write committed."""
     import logging
 

@@ -2,9 +2,9 @@
 (`sweeps.runner`: Ray Tune, Optuna, MLflow) loads on a thread beside it, then run it there.
 
 The checks need none of the tuning side, so this module imports only light ones. Importing the
-tuning side takes ~1.9 s of CPU and MLflow opening its store ~1 s more; starting a local Ray takes
-~3 s, about half of it waiting on its own processes with a core idle. Side by side they take
-~3.1 s where one after the other took 4.2-5.3 s (5 runs each on 2 cores).
+tuning side and opening MLflow's store cost CPU, while starting a local Ray spends about half its
+time waiting on its own processes with a core idle: side by side, the two take little more than
+the longer of them (docs/benchmarks.md, "Figures behind the design").
 
 Two threads importing at once are safe as long as no module is imported by both while it imports
 others: Ray's start imports a few modules of its own lazily, and `study.compat.RAY_INIT_IMPORTS`

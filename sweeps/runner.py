@@ -85,6 +85,7 @@ def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float 
         if resumed:
             tuner = tune.Tuner.restore(path, trainable=trainable(spec, dataset, trial),
                                        resume_errored=True)
+            tracking.active_tracker().relaunched(record.tags)  # the tracker restored with it
         else:
             tuner = new_tuner(spec, settings, dataset, record.callbacks(spec, settings, dataset),
                               trial)
@@ -271,9 +272,9 @@ class KeepWhatRayReads(tune.Callback):
     metrics, tags and worker figures, Ray's per-attempt timers time_this_iter_s,
     time_since_restore, iterations_since_restore) are not needed to resume: a resumed or retried
     trial starts from its checkpoint (whose metrics `StudyTrial.save` cuts the same way), and
-    the record of every epoch is MLflow's. This keeps the experiment state at ~10 KB per trial,
-    most of it Ray's own (its storage context, resources, checkpoint manager, statistics of its
-    own keys), instead of ~27 KB (bench/state.py)."""
+    the record of every epoch is MLflow's. What is left of the experiment state is mostly Ray's
+    own (its storage context, resources, checkpoint manager, statistics of its own keys); the
+    state benchmark measures it per trial."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         kept = set(ray_keeps(result))

@@ -57,8 +57,8 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         """Ray's OptunaSearch, then the finished trial's Optuna handle is dropped: Ray keeps one
-        per trial for good (~240 B each in the searcher's pickle, rewritten at every snapshot of
-        the experiment), yet never reads it again once the trial is among those it told
+        per trial for good (in the searcher's pickle, rewritten at every snapshot of the
+        experiment), yet never reads it again once the trial is among those it told
         (`compat.tune_search_completed`), which its hooks check first; the study holds the told
         trial, and `forget_orphans` needs only the handles of trials not yet told (those it must
         not close)."""

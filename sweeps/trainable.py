@@ -39,8 +39,8 @@ MODEL_FILE = "model.keras"
 # (`metric_analysis`: max/min/avg/last/last-5-avg/last-10-avg, and `metric_n_steps`: two pickled
 # deques per key, hex-encoded) and its latest checkpoint's metrics (the worker's whole last
 # result again, pickled and hex-encoded); the experiment state holding all of them is rewritten
-# whole at every snapshot. With the project's ~20 metrics, tags and Ray's timers that was ~26 KB
-# per 1-epoch trial (11 MB at 400 trials), most of it statistics nobody reads. Ray itself reads
+# whole at every snapshot. With the project's metrics, tags and Ray's timers, most of it was
+# statistics nobody reads (docs/benchmarks.md, "Figures behind the design"). Ray itself reads
 # back only these keys (besides the sweep's metric and the scheduler's time attribute, `epoch`):
 # `done` and `training_iteration` (whether to checkpoint, the iteration a restored trial goes on
 # from), `time_total_s` (restored with the checkpoint), the totals a trainable may count, the
@@ -73,7 +73,7 @@ class StudyTrial(tune.Trainable):
     def setup(self, config: dict[str, Any], *, spec: SweepSpec, dataset) -> None:
         from study.lean_import import import_tensorflow
 
-        import_tensorflow()  # once per worker process, ~1 s less than a plain import
+        import_tensorflow()  # once per worker process, lighter than a plain import
         from study import runtime
 
         self.spec, self.dataset = spec, dataset

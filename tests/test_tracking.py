@@ -1,6 +1,7 @@
 """The MLflow tracker without Ray: writes leave Ray Tune's thread at once, wait out an unreachable
 server in order, say what is left, surface bugs; closing tags come from the run's history."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -154,3 +155,33 @@ def test_a_run_created_just_before_the_driver_died_gets_its_params_on_resume(sto
     assert tracker.writer.flush(10) == []
     params = client.get_run(run.info.run_id).data.params
     assert params["activation.p"] == "0.5" and params["seed"] == "0"
+
+
+def test_a_run_continued_by_a_later_launch_names_every_commit_that_ran_it(store):
+    uri, client, exp, parent = store
+    launches = [{"sweep.id": SPEC.sweep_id, "git.commit": commit, "git.commits": commit,
+                 "git.dirty": dirty, "lib.ray": ray} for commit, dirty, ray in
+                (("a" * 40, "false", "1"), ("b" * 40, "true", "2"), ("c" * 40, "false", "2"))]
+    for tags in launches:  # started, cut short, resumed twice
+        tracker = tracking.MlflowTracker(SPEC, uri, exp, parent, tags)
+        one = trial()
+        tracker.on_trial_start(0, [one], one)
+        one.status = "TERMINATED"
+        tracker.on_experiment_end([one])
+    [run] = client.search_runs([exp], "tags.`trial.id` = 't1'")
+    assert run.data.tags["git.commits"] == ",".join(c * 40 for c in "abc")
+    assert (run.data.tags["git.commit"], run.data.tags["git.dirty"], run.data.tags["lib.ray"]) == (
+        "c" * 40, "true", "2")  # dirty once, dirty for good
+
+
+def test_a_resumed_parent_names_every_commit_that_drove_it(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("tracked", artifact_location=str(tmp_path / "artifacts"))
+    (tmp_path / "spec.yaml").write_text("# the spec the parent run keeps\n")
+    spec = dataclasses.replace(SPEC, file=tmp_path / "spec.yaml")
+    for commit in ("a", "b", "a"):
+        tags = {"sweep.id": SPEC.sweep_id, "git.commit": commit, "git.commits": commit,
+                "git.dirty": "false"}
+        parent = tracking.open_parent(client, exp, spec, tags)
+    assert client.get_run(parent).data.tags["git.commits"] == "a,b"
+    assert client.get_run(parent).data.tags["git.commit"] == "a"

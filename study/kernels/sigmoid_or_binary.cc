@@ -70,8 +70,9 @@ constexpr int kBlocks = 32;              // Philox blocks per draw group
 constexpr int64_t kTile = 16 * kBlocks;  // elements per unit of work: the unit coins of one group
 static_assert(kBlocks % kLanes == 0, "a draw group is whole packets of blocks");
 
-// Up to this many elements a pass runs on the calling thread: handing tiles to the intra-op pool
-// costs ~20 us a pass on the 2-core machine of bench/, about what a second thread saves on 2^17.
+// Up to this many elements a pass runs on the calling thread: below it, handing tiles to the
+// intra-op pool costs more than a second thread saves (docs/benchmarks.md, "Figures behind the
+// design").
 constexpr int64_t kSerial = int64_t{1} << 17;
 
 // Tiles [0, ceil(n / kTile)) of work(first, last), on the intra-op pool when n is large enough.

@@ -15,7 +15,7 @@ there.
 
 from sweeps.tracking.callback import LOGGED_METRICS, MlflowTracker, active_tracker
 from sweeps.tracking.dataset import DatasetRecord
-from sweeps.tracking.provenance import LIBRARIES, git_state, provenance, source_tags
+from sweeps.tracking.provenance import LIBRARIES, continued, git_state, provenance, source_tags
 from sweeps.tracking.store import (
     close_stale_runs,
     every_run,
@@ -43,6 +43,7 @@ __all__ = [
     "git_state",
     "interrupted_tags",
     "open_parent",
+    "continued",
     "provenance",
     "setting_id",
     "source_tags",

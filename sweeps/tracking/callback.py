@@ -21,6 +21,7 @@ from study.names import CALIBRATED, EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TR
 from sweeps.preflight import error_line
 from sweeps.spec import SweepSpec
 from sweeps.tracking.dataset import DatasetRecord
+from sweeps.tracking.provenance import continued
 from sweeps.tracking.store import find_runs, interrupted_tags
 from sweeps.tracking.summary import Summary, setting_id
 from sweeps.tracking.writer import Writer
@@ -72,6 +73,11 @@ class MlflowTracker(tune.Callback):
 
     def __setstate__(self, state):
         self.__init__(**state)
+
+    def relaunched(self, tags: dict[str, str]) -> None:
+        """A tracker restored with its sweep: the runs it opens or continues from now on carry
+        this launch's provenance `tags`, not those of the launch that pickled it."""
+        self.tags = tags
 
     # Ray Tune hooks (Ray Tune's thread: copy, queue, return) ------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -140,6 +146,9 @@ class MlflowTracker(tune.Callback):
                        if k not in run.data.params}  # a driver killed between create and log
             if missing:
                 self.client.log_batch(run_id, params=[Param(k, v) for k, v in missing.items()])
+            if start:  # this launch runs it now: its provenance
+                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in
+                                                    continued(run.data.tags, self.tags).items()])
             if start and run.info.status != "RUNNING":
                 self.client.log_batch(run_id, tags=[RunTag("trial.closed", "false")])
                 self.client.update_run(run_id, status="RUNNING")

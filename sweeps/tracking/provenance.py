@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 
 from sweeps.spec import SweepSpec
@@ -19,6 +20,7 @@ def provenance(spec: SweepSpec) -> dict[str, str]:
         "sweep.id": spec.sweep_id,
         "sweep.size": spec.size or "full",
         "spec.path": spec.path, "spec.hash": spec.digest, **git, **source_tags(spec, git),
+        "git.commits": git["git.commit"],
     }
     for library in LIBRARIES:
         try:
@@ -26,6 +28,22 @@ def provenance(spec: SweepSpec) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             tags[f"lib.{library}"] = "absent"
     return tags
+
+
+def continued(run_tags: Mapping[str, str], tags: Mapping[str, str]) -> dict[str, str]:
+    """The provenance tags of a run that a later launch continues (a resumed sweep's parent run, a
+    resumed or retried trial's run), from the run's tags and the launch's `tags`: the launch's
+    commit and libraries; `git.commits`, every commit that ran it in order (comma-separated);
+    `git.dirty` true if any launch ran from a dirty tree. Nothing for a launch without a git state."""
+    if "git.commit" not in tags:
+        return {}
+    commits = [c for c in run_tags.get("git.commits", run_tags.get("git.commit", "")).split(",") if c]
+    if tags["git.commit"] not in commits:
+        commits.append(tags["git.commit"])
+    dirty = "true" if "true" in (run_tags.get("git.dirty"), tags["git.dirty"]) else tags["git.dirty"]
+    return {**{k: v for k, v in tags.items()
+               if k.startswith("lib.") or k in ("git.commit", "mlflow.source.git.commit")},
+            "git.commits": ",".join(commits), "git.dirty": dirty}
 
 
 def source_tags(spec: SweepSpec, git: dict[str, str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from mlflow.entities import Param, RunTag
 
 from sweeps import ui
 from sweeps.spec import SweepSpec
+from sweeps.tracking.provenance import continued
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
@@ -66,6 +67,8 @@ def open_parent(client: MlflowClient, exp_id: str, spec: SweepSpec, tags: dict[s
     existing = find_runs(client, exp_id, {"sweep.id": spec.sweep_id, "sweep.role": "parent"})
     if existing:
         run_id = existing[0].info.run_id
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in
+                                       continued(existing[0].data.tags, tags).items()])
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(exp_id, tags={**tags, "sweep.role": "parent",
