@@ -19,3 +19,7 @@ TEST_EPOCH = "test/epoch"
 CALIBRATED = "test/accuracy_binary_calibrated"
 # constant per trial (per attempt, for the set-up time), reported every epoch
 TRIAL_CONSTANTS = ("model/params", "model/binary_units", "time/setup_s")
+
+# The environment variable that lets the CPU stand in for GPUs TensorFlow cannot see (Ray's
+# logical GPUs in tests, a laptop); without it such a trial fails at once (`study.runtime`).
+GPU_STAND_IN = "STUDY_GPU_STAND_IN"

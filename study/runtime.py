@@ -1,10 +1,18 @@
-"""Process-wide TensorFlow settings that a trial asks for: CPU thread pools."""
+"""Process-wide TensorFlow settings that a trial asks for: CPU thread pools, its GPUs."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import tensorflow as tf
+
+from study.errors import StudyError
+from study.names import GPU_STAND_IN
+
+
+class GPUNotVisible(StudyError):
+    """Ray gave the trial GPUs that TensorFlow cannot see; the message names both."""
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,21 @@ def configure_gpus(share: float, total_mb: int | None) -> list[str]:
         else:
             tf.config.experimental.set_memory_growth(gpu, True)
     return [f"/gpu:{i}" for i in range(len(gpus))]
+
+
+def check_gpus_seen(assigned: list[str], devices: list[str]) -> bool:
+    """Refuse a trial that Ray gave GPUs (`assigned`, its ids) but TensorFlow sees none of: it would
+    train on the CPU while holding them. Whether the CPU stands in for them (GPU_STAND_IN=1)."""
+    if not assigned or devices:
+        return False
+    if os.environ.get(GPU_STAND_IN) == "1":
+        return True
+    build = "built with CUDA" if tf.test.is_built_with_cuda() else "the CPU build"
+    raise GPUNotVisible(
+        f"Ray gave this trial GPU {', '.join(assigned)} (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) but TensorFlow {tf.__version__} ({build}) "
+        f"sees no GPU: install TensorFlow's GPU build on this node, or set {GPU_STAND_IN}=1 to "
+        "train on the CPU (logical GPUs)")
 
 
 def strategy_for(devices: list[str]) -> tf.distribute.Strategy:

@@ -30,6 +30,7 @@ from sweeps import interrupt, resources
 from sweeps.lock import DriverLock
 from sweeps.preflight import (
     SweepError,
+    check_gpu_build,
     check_ray,
     check_storage,
     check_studies,
@@ -59,6 +60,8 @@ def run(spec: SweepSpec, settings: Settings, resume: str = "", trial: type | Non
     if spec.search.algorithm != "grid":
         check_studies(settings.optuna_storage)
     check_ray(os.environ.get("RAY_ADDRESS"))
+    if not os.environ.get("RAY_ADDRESS"):  # the trials run in this environment
+        check_gpu_build(spec.resources.gpus)
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         resources.check_fits(spec.resources, [resources.local_node()], "node (this machine)")
     lock = DriverLock(settings.storage, spec.sweep_id).acquire()

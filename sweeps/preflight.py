@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlparse
 
 from study.errors import StudyError, first_line
+from study.names import GPU_STAND_IN
 
 _DATABASES = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # SQLAlchemy dialects, default ports
 _HOSTED = ("databricks", "databricks-uc", "uc")
@@ -38,6 +39,27 @@ def error_line(text: str) -> str:
     """The last non-empty line of an error text (a traceback ends with its message)."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
+
+
+def check_gpu_build(gpus: float) -> None:
+    """A spec that asks for GPUs from a Ray started here (its trials run in this environment) needs
+    TensorFlow's GPU build here: the CPU build (tensorflow-cpu) sees no GPU, so every trial would
+    fail at once. Skipped where the CPU stands in for logical GPUs (GPU_STAND_IN=1)."""
+    if gpus <= 0 or os.environ.get(GPU_STAND_IN) == "1":
+        return
+    try:
+        importlib.metadata.version("tensorflow")  # Linux wheels of `tensorflow` carry CUDA support
+        return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu_build = importlib.metadata.version("tensorflow-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    raise SweepError(f"the spec asks for {gpus:g} GPU per trial, but this environment has "
+                     f"TensorFlow's CPU build (tensorflow-cpu {cpu_build}), which sees no GPU: "
+                     f"install TensorFlow's GPU build, or set {GPU_STAND_IN}=1 to let the CPU "
+                     "stand in for logical GPUs")
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

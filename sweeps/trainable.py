@@ -81,10 +81,12 @@ class StudyTrial(tune.Trainable):
         share = spec.resources.gpus
         total_mb = gpu_memory_mb(gpu_ids[0]) if gpu_ids and 0 < share < 1 else None
         self.devices = runtime.configure_gpus(share, total_mb)  # once per worker process
+        stand_in = runtime.check_gpus_seen(gpu_ids, self.devices)
         self.placement = json.dumps({
             "node": ray.get_runtime_context().get_node_id()[:12], "gpu_ids": gpu_ids,
             "gpu_share": share, "gpu_memory_limit_mb": runtime.gpu_memory_limit_mb(share, total_mb),
-            "devices": self.devices, "cpus": spec.resources.cpus})
+            "devices": self.devices or ["/cpu:0"], "cpus": spec.resources.cpus,
+            **({"cpu_stands_in_for_gpus": True} if stand_in else {})})
         self._start(config)
 
     def _start(self, sampled: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from study.__main__ import main
 from study.activations import saturation_threshold
 from study.config import ActivationConfig, ModelConfig
 from study.models import build_network
+from study.moments import statistics
 
 UNIT = est.Unit(slope=1.0, cutoff=1.2, granularity="batch")
 
@@ -49,7 +50,7 @@ def mean(moments, kernel):
 
 
 def stats(ref, moments, kernels):
-    return est.statistics(ref, moments, {"k": kernels})["k"]
+    return statistics(ref, moments, {"k": kernels})["k"]
 
 
 @pytest.mark.parametrize("sigma", [1.0, 2.0])

@@ -3,9 +3,11 @@ on TensorFlow logical CPU devices (no GPU here: the GPU path itself cannot run o
 
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
+from study import runtime
 from study.runtime import configure_gpus, gpu_memory_limit_mb
 
 from .conftest import ROOT
@@ -20,6 +22,20 @@ def test_fractional_trials_cap_their_gpu_memory_at_their_share(share, total, lim
 
 def test_without_a_gpu_no_device_is_configured():
     assert configure_gpus(0.5, 24000) == []
+
+
+def test_a_trial_given_gpus_that_tensorflow_cannot_see_fails_in_one_line(monkeypatch):
+    monkeypatch.delenv(runtime.GPU_STAND_IN, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(runtime.GPUNotVisible) as refused:
+        runtime.check_gpus_seen(["3"], [])
+    message = str(refused.value)
+    assert "GPU 3" in message and "CUDA_VISIBLE_DEVICES='3'" in message
+    assert "the CPU build" in message and "sees no GPU" in message and "\n" not in message
+    assert runtime.check_gpus_seen(["3"], ["/gpu:0"]) is False  # seen: it trains there
+    assert runtime.check_gpus_seen([], []) is False  # a CPU trial
+    monkeypatch.setenv(runtime.GPU_STAND_IN, "1")
+    assert runtime.check_gpus_seen(["3"], []) is True  # logical GPUs: the CPU stands in
 
 
 MULTI_DEVICE = """
@@ -72,3 +88,25 @@ def test_tensorflow_imports_without_what_keras_loads_only_for_unused_features(
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[-2] == f"{loaded} {wrappers_off} 1"
+
+
+def test_a_local_gpu_sweep_in_an_environment_with_the_cpu_build_is_refused(monkeypatch):
+    from sweeps.preflight import SweepError, check_gpu_build
+
+    monkeypatch.delenv(runtime.GPU_STAND_IN, raising=False)
+    installed = {"tensorflow-cpu": "2.21.0"}  # this environment, as requirements.lock pins it
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(metadata, "version", version)
+    with pytest.raises(SweepError, match=r"asks for 0.5 GPU .* \(tensorflow-cpu 2\.21\.0\)"):
+        check_gpu_build(0.5)
+    check_gpu_build(0)  # a CPU spec
+    installed["tensorflow"] = "2.21.0"  # the build with CUDA
+    check_gpu_build(0.5)
+    del installed["tensorflow"]
+    monkeypatch.setenv(runtime.GPU_STAND_IN, "1")
+    check_gpu_build(0.5)

@@ -233,7 +233,8 @@ launch.run(load_spec(sys.argv[1]), launch.Settings.from_env())
 """
 
 
-def test_fractional_trials_share_logical_gpus(tmp_path):
+@pytest.mark.parametrize("stand_in", [True, False])
+def test_fractional_trials_share_logical_gpus(tmp_path, stand_in):
     path = tmp_path / "gpus.yaml"
     path.write_text("""
 # test spec; make sweep SPEC=this
@@ -244,10 +245,17 @@ space:
 search: {algorithm: qmc, samples: 4, max_concurrent: 4}
 scheduler: {name: none}
 resources: {cpus: 0.5, gpus: 0.5}
-""")
-    env = sweep_env(tmp_path)
+""" + ("" if stand_in else "max_failures: 0\n"))
+    env = sweep_env(tmp_path, **({"STUDY_GPU_STAND_IN": "1"} if stand_in else {}))
     proc = subprocess.run([sys.executable, "-c", LOGICAL_GPUS, str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+    if not stand_in:  # TensorFlow sees none of the GPUs Ray gives: every trial fails at once
+        failed = [r for r in runs(env, "gpus") if r.data.tags.get("sweep.role") == "trial"]
+        assert failed and all(r.info.status == "FAILED" for r in failed)
+        reasons = {r.data.tags["trial.failure"] for r in failed}
+        assert all("but TensorFlow" in why and "sees no GPU" in why and "\n" not in why
+                   for why in reasons), reasons
+        return
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     children = assert_complete(load_spec(path), env)
     placements = [json.loads(c.data.tags["trial.placement"]) for c in children]
@@ -260,8 +268,9 @@ resources: {cpus: 0.5, gpus: 0.5}
                  if p["gpu_ids"][0] == gpu]
         for start, _ in spans:
             assert sum(s <= start < e for s, e in spans) <= 2
-    # with no real GPU there is nothing to cap: no device, no memory limit (see test_runtime.py)
-    assert all(p["devices"] == [] and p["gpu_memory_limit_mb"] is None for p in placements)
+    # with no real GPU there is nothing to cap: the CPU stands in, no memory limit (test_runtime.py)
+    assert all(p["devices"] == ["/cpu:0"] and p["cpu_stands_in_for_gpus"] and
+               p["gpu_memory_limit_mb"] is None for p in placements)
 
 
 @pytest.mark.integration  # faults 3, 1 and 5 of the reliability suite

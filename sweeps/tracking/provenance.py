@@ -3,11 +3,10 @@ library versions)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Mapping
 from importlib import metadata
 
+from study.provenance import git_state
 from sweeps.spec import SweepSpec
 
 LIBRARIES = ("tensorflow-cpu", "keras", "ray", "optuna", "mlflow", "numpy", "pandas")
@@ -52,19 +51,3 @@ def source_tags(spec: SweepSpec, git: dict[str, str]) -> dict[str, str]:
     if git.get("git.commit", "unknown") != "unknown":
         tags["mlflow.source.git.commit"] = git["git.commit"]
     return tags
-
-
-def git_state() -> dict[str, str]:
-    """The commit and whether the tree was dirty; STUDY_GIT_COMMIT / STUDY_GIT_DIRTY when the code
-    was shipped without its .git (a Ray job's working directory)."""
-    if os.environ.get("STUDY_GIT_COMMIT"):
-        return {"git.commit": os.environ["STUDY_GIT_COMMIT"],
-                "git.dirty": os.environ.get("STUDY_GIT_DIRTY", "unknown")}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
-    return {"git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
