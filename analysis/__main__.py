@@ -55,7 +55,7 @@ def default_out(command: str, size: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeps.spec import SIZES
+    from sweeps.spec.sizes import add_size_option
 
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--source")
         full, other = (default_out(name, size).relative_to(PROJECT) for size in ("full", "SIZE"))
         sub.add_argument("--out", type=Path, help=f"default: {full} (full size), {other}")
-        size = sub.add_mutually_exclusive_group()
-        size.add_argument("--size", choices=("full", *SIZES), default="full",
-                          help="the paper sweeps at this size of their specs (default: full)")
-        size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
-                          help="the same as --size smoke")
+        add_size_option(sub, "the paper sweeps at this size of their specs (default: full)")
         sub.add_argument("--sweep", action="append", default=[], metavar="SWEEP_ID",
                          help="read this sweep of its experiment (default: the latest complete one)")
         sub.add_argument("--experiment", action="append", default=[], metavar="NAME",

@@ -221,6 +221,7 @@ def activation_cost(rounds: int = 9, block_s: float = 0.06, archs=tuple(ARCHS)) 
         medians = {n: statistics.median(r) for n, r in ratios.items() if n != "base"}
         for name, value in medians.items():
             out[f"{arch}: {name} / keras sigmoid"] = value
+            out[f"{arch}: {name} / keras sigmoid per round"] = ratios[name]
         for coin in ("example", "unit"):
             out[f"{arch}: {coin} c=1.2 of which its draws"] = (medians[f"{coin} c=1.2"]
                                                               - medians["p=0 c=1.2"])
@@ -287,7 +288,9 @@ def throughput(rounds: int = 15, steps: int = 20) -> dict[str, float]:
     times = interleaved({"step": lambda: step(x, y), "matmuls": matmuls}, rounds, steps)
     step_s, matmul_s = statistics.median(times["step"]), statistics.median(times["matmuls"])
     return {"step GFLOP/s": flops / step_s / 1e9, "matmul GFLOP/s": flops / matmul_s / 1e9,
-            "step / matmul limit": matmul_s / step_s}
+            "step / matmul limit": matmul_s / step_s,
+            "step / matmul limit per round": [m / s for s, m in zip(times["step"], times["matmuls"],
+                                                                     strict=True)]}
 
 
 def input_pipeline(rounds: int = 11, train_size: int | None = None) -> dict[str, float]:
@@ -316,4 +319,6 @@ def input_pipeline(rounds: int = 11, train_size: int | None = None) -> dict[str,
 
     times = interleaved({"project": project, "in memory": in_memory}, rounds, 1)
     return {"project data path / in-memory tensors": ratio(times, "project", "in memory"),
+            "project data path / in-memory tensors per round": [
+                a / b for a, b in zip(times["project"], times["in memory"], strict=True)],
             "in-memory epoch s": statistics.median(times["in memory"])}

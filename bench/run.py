@@ -115,14 +115,18 @@ def main() -> int:
 
 
 def verdicts(name: str, figures: dict) -> list[str]:
-    """One line per target of benchmark `name`: its figure, the target and whether it is met
-    ("not measured" where this size does not give the figure)."""
+    """One line per target of benchmark `name`: its figure, the target, whether it is met and
+    whether the figure's rounds (`KEY per round`) decide it ("not measured" where this size does
+    not give the figure)."""
+    from bench import decide
+
     lines = []
     for key, text, ok in TARGETS[name]:
         value = figures.get(key)
-        verdict = "not measured" if value is None else "met" if ok(value) else "MISSED"
+        said = ("not measured" if value is None
+                else decide.verdict(value, figures.get(f"{key} per round"), ok))
         shown = "" if value is None else f" = {value:.3f}"
-        lines.append(f"  target {name}: {key}{shown} ({text}): {verdict}")
+        lines.append(f"  target {name}: {key}{shown} ({text}): {said}")
     return lines
 
 
@@ -156,6 +160,8 @@ def markdown(results: dict) -> str:
         if name == "activation":
             continue
         for key, value in figures.items():
+            if isinstance(value, list):  # a figure's rounds: its verdict says what they decide
+                continue
             target = next(((t, ok) for k, t, ok in TARGETS[name] if k == key), None)
             shown = f"{value:.3f}" if isinstance(value, float) else str(value)
             if target:
@@ -169,6 +175,7 @@ def markdown(results: dict) -> str:
 def activation_matrix(figures: dict) -> list[str]:
     """The activation benchmark as one row per variant, one column per architecture: the training
     step over Keras' sigmoid's, "TF ops -> fused", and the target where there is one."""
+    figures = {k: v for k, v in figures.items() if not isinstance(v, list)}  # not the rounds
     variants = list(dict.fromkeys(k.split(": ", 1)[1].removesuffix(" / keras sigmoid")
                                   for k in figures if ": " in k and k.endswith(" / keras sigmoid")
                                   and "(TF ops)" not in k))

@@ -19,7 +19,7 @@ import os
 import sys
 
 from study.errors import StudyError
-from sweeps.spec import SIZES
+from sweeps.spec.sizes import add_size_option, chosen_size
 
 # Ray Tune's own console output gives way to sweeps.progress.Progress; its per-trial records stay.
 QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from sweeps.status import main as status_main
 
-        return status_main(args.specs, spec_size(args), args.repair)
+        return status_main(args.specs, chosen_size(args), args.repair)
     if args.command == "ui":
         from sweeps.ui import addresses
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.spec import load_spec
 
     try:
-        specs = [load_spec(path, size=spec_size(args))
+        specs = [load_spec(path, size=chosen_size(args))
                  for path in (args.specs if args.command == "check" else [args.spec])]
     except StudyError as err:
         return refused(err)
@@ -123,20 +123,12 @@ def refused(err: StudyError) -> int:
 
 
 def add_size(command: argparse.ArgumentParser) -> None:
-    size = command.add_mutually_exclusive_group()
-    size.add_argument("--size", choices=("full", *SIZES), default="full",
-                      help="apply the spec's section of overrides of that name (default: full, "
-                           "the spec as written)")
-    size.add_argument("--smoke", dest="size", action="store_const", const="smoke",
-                      help="the same as --size smoke")
-
-
-def spec_size(args) -> str:
-    return "" if args.size == "full" else args.size
+    add_size_option(command, "apply the spec's section of overrides of that name (default: full, "
+                             "the spec as written)")
 
 
 def resume_command(args) -> str:
-    return f"make sweep SPEC={args.spec}{f' SIZE={args.size}' if spec_size(args) else ''}"
+    return f"make sweep SPEC={args.spec}{f' SIZE={args.size}' if chosen_size(args) else ''}"
 
 
 def summary(results, spec) -> str:

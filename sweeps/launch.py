@@ -60,10 +60,10 @@ def run(spec: SweepSpec, settings: Settings, resume: str = "", trial: type | Non
     if spec.search.algorithm != "grid":
         check_studies(settings.optuna_storage)
     check_ray(os.environ.get("RAY_ADDRESS"))
-    if not os.environ.get("RAY_ADDRESS"):  # the trials run in this environment
-        check_gpu_build(spec.resources.gpus)
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         resources.check_fits(spec.resources, [resources.local_node()], "node (this machine)")
+    if not os.environ.get("RAY_ADDRESS"):  # the trials run in this environment
+        check_gpu_build(spec.resources.gpus)
     lock = DriverLock(settings.storage, spec.sweep_id).acquire()
     try:
         compat.import_ray_init_modules()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench.decide import median_interval, verdict
 from bench.run import SMOKE, TARGETS
 
 from .conftest import ROOT
@@ -18,6 +19,24 @@ NOT_AT_SMOKE_SIZE = {("scale", "server load per trial, largest / smallest size")
                      ("scale", "server load of 1000 runs s"),
                      *((name, key) for name, keys in TARGETS.items() for key, _, _ in keys
                        if "archs" in SMOKE[name] and key.split(":")[0] not in SMOKE[name]["archs"])}
+
+
+def test_the_median_interval_is_the_sign_tests():
+    assert median_interval([1.0] * 5) is None  # P(all 5 on one side) = 1/16 > 5%
+    assert median_interval(list(range(6))) == (0, 5)  # 1 - 2/64 = 96.9%
+    assert median_interval(list(range(9))) == (1, 7)  # 1 - 2 * 10/512 = 96.1%
+    assert median_interval(list(range(20))[::-1]) == (5, 14)  # order does not matter
+
+
+def test_a_target_is_decided_only_when_the_whole_interval_is_on_one_side():
+    def at_most(value):
+        return value <= 1.05
+
+    assert verdict(1.0, [0.98, 0.99, 1.0, 1.0, 1.01, 1.02], at_most).startswith("met, decided over 6")
+    assert verdict(1.0, [0.9, 0.95, 1.0, 1.0, 1.1, 1.2], at_most).startswith("met, undecided")
+    assert verdict(1.2, [1.1, 1.15, 1.2, 1.2, 1.25, 1.3], at_most).startswith("MISSED, decided")
+    assert "no 95% interval" in verdict(1.0, [1.0, 1.0, 1.0], at_most)
+    assert verdict(1.0, None, at_most) == "met (one measurement)"
 
 
 def test_every_benchmark_has_a_smoke_size():
