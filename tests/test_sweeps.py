@@ -233,10 +233,7 @@ launch.run(load_spec(sys.argv[1]), launch.Settings.from_env())
 """
 
 
-@pytest.mark.parametrize("stand_in", [True, False])
-def test_fractional_trials_share_logical_gpus(tmp_path, stand_in):
-    path = tmp_path / "gpus.yaml"
-    path.write_text("""
+GPU_SPEC = """
 # test spec; make sweep SPEC=this
 name: gpus
 fixed: {data.name: synthetic, budget.epochs: 3}
@@ -245,17 +242,36 @@ space:
 search: {algorithm: qmc, samples: 4, max_concurrent: 4}
 scheduler: {name: none}
 resources: {cpus: 0.5, gpus: 0.5}
-""" + ("" if stand_in else "max_failures: 0\n"))
-    env = sweep_env(tmp_path, **({"STUDY_GPU_STAND_IN": "1"} if stand_in else {}))
+max_failures: 0
+"""
+
+
+def test_a_trial_whose_tensorflow_cannot_see_its_gpus_is_refused_or_fails_at_once(tmp_path):
+    path = tmp_path / "gpus.yaml"
+    path.write_text(GPU_SPEC)
+    env = sweep_env(tmp_path)
+    refused = subprocess.run([sys.executable, "-c", LOGICAL_GPUS, str(path)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "TensorFlow's CPU build" in refused.stderr.splitlines()[-1]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.get_experiment_by_name("gpus") is None  # refused before anything is recorded
+    # a driver whose own TensorFlow could see a GPU, on workers whose TensorFlow cannot
+    trusting = LOGICAL_GPUS.replace("ray.init(", "launch.check_gpu_build = lambda gpus: None\nray.init(")
+    subprocess.run([sys.executable, "-c", trusting, str(path)], cwd=ROOT, env=env,
+                   capture_output=True, text=True, timeout=600)
+    failed = [r for r in runs(env, "gpus") if r.data.tags.get("sweep.role") == "trial"]
+    assert len(failed) == 4 and all(r.info.status == "FAILED" for r in failed)
+    reasons = {r.data.tags["trial.failure"] for r in failed}
+    assert all("Ray gave this trial GPU" in why and "sees no GPU" in why for why in reasons), reasons
+    assert all(not steps(env, r) for r in failed)  # not one epoch trained on the CPU
+
+
+def test_fractional_trials_share_logical_gpus(tmp_path):
+    path = tmp_path / "gpus.yaml"
+    path.write_text(GPU_SPEC)
+    env = sweep_env(tmp_path, STUDY_GPU_STAND_IN="1")  # the CPU stands in for Ray's logical GPUs
     proc = subprocess.run([sys.executable, "-c", LOGICAL_GPUS, str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
-    if not stand_in:  # TensorFlow sees none of the GPUs Ray gives: every trial fails at once
-        failed = [r for r in runs(env, "gpus") if r.data.tags.get("sweep.role") == "trial"]
-        assert failed and all(r.info.status == "FAILED" for r in failed)
-        reasons = {r.data.tags["trial.failure"] for r in failed}
-        assert all("but TensorFlow" in why and "sees no GPU" in why and "\n" not in why
-                   for why in reasons), reasons
-        return
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     children = assert_complete(load_spec(path), env)
     placements = [json.loads(c.data.tags["trial.placement"]) for c in children]

@@ -296,4 +296,8 @@ def _closed(run) -> bool:
 
 
 def _error_of(trial) -> str:
-    return error_line(str(trial.get_error() or "the trial raised an error"))
+    """The last line of the trial's latest error, from its error file in the driver's own folder
+    (Ray Tune writes it there before this hook; the copy in the storage comes with the next sync)."""
+    path = trial.error_file
+    text = Path(path).read_text() if path and Path(path).is_file() else trial.get_error()
+    return error_line(str(text or "the trial raised an error"))
