@@ -131,8 +131,8 @@ def test_resume_after_the_driver_is_killed_gives_no_duplicate_runs(tmp_path):
     path = tmp_path / "resume.yaml"
     path.write_text(SLOW_TRIALS.format(name="resume", epochs=5, samples=4))
     spec = load_spec(path)
-    first, second = "a" * 40, "b" * 40  # the commits of the two launches
-    env = sweep_env(tmp_path, STUDY_GIT_COMMIT=first, STUDY_GIT_DIRTY="false")
+    commit_a, commit_b = "a" * 40, "b" * 40  # the commits of the two launches
+    env = sweep_env(tmp_path, STUDY_GIT_COMMIT=commit_a, STUDY_GIT_DIRTY="false")
     proc = start_sweep(path, env)
 
     def finished_children():
@@ -145,7 +145,7 @@ def test_resume_after_the_driver_is_killed_gives_no_duplicate_runs(tmp_path):
         kill_group(proc)
     killed_at = time.time() * 1000
     assert len(done_before) < spec.num_trials, "the sweep finished before it could be killed"
-    env["STUDY_GIT_COMMIT"] = second  # the same command again, on a later commit
+    env["STUDY_GIT_COMMIT"] = commit_b  # the same command again, on a later commit
     out = run_sweep(path, env)
     children = assert_complete(spec, env)
     assert all(c.info.status == "FINISHED" for c in children)
@@ -155,14 +155,14 @@ def test_resume_after_the_driver_is_killed_gives_no_duplicate_runs(tmp_path):
     for before in done_before:  # finished trials were not re-run
         after = client_runs[before.data.tags["trial.id"]]
         assert after.info.run_id == before.info.run_id and after.info.end_time < killed_at
-        assert after.data.tags["git.commit"] == after.data.tags["git.commits"] == first
+        assert after.data.tags["git.commit"] == after.data.tags["git.commits"] == commit_a
     later = [c for c in children if c.data.tags["trial.id"] not in
              {b.data.tags["trial.id"] for b in done_before}]
     for child in later:  # each names the commits that ran it, the later launch's last
-        assert child.data.tags["git.commit"] == second, child.data.tags
-        assert child.data.tags["git.commits"] in (second, f"{first},{second}"), child.data.tags
+        assert child.data.tags["git.commit"] == commit_b, child.data.tags
+        assert child.data.tags["git.commits"] in (commit_b, f"{commit_a},{commit_b}"), child.data.tags
     [parent] = [r for r in runs(env, spec.experiment) if r.data.tags.get("sweep.role") == "parent"]
-    assert parent.data.tags["git.commits"] == f"{first},{second}"
+    assert parent.data.tags["git.commits"] == f"{commit_a},{commit_b}"
 
 
 @pytest.mark.integration  # faults 3, 1 and 5 of the reliability suite
