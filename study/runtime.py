@@ -36,22 +36,43 @@ def configure_threads(threads: int) -> None:
                     "default", threads)
 
 
+# Memory each process takes on its GPU outside TensorFlow's allocator: its CUDA context with the
+# cuBLAS/cuDNN handles, a few hundred MB on current cards. Every trial sharing a GPU has its own
+# process, so each cap leaves this much of its share to it.
+CUDA_CONTEXT_MB = 600
+
+
+class GPUMemoryUnknown(StudyError):
+    """A fractional trial's GPU did not report its memory, so its cap cannot be set."""
+
+
 def gpu_memory_limit_mb(share: float, total_mb: int | None) -> int | None:
     """The memory cap of a trial that holds `share` (0 < share < 1) of one GPU of `total_mb`:
-    floor(share * total); None for whole GPUs or an unknown total (then memory grows on demand)."""
+    floor(share * total) - CUDA_CONTEXT_MB, so that the trials sharing the GPU and their processes'
+    contexts fit on it together; None for whole GPUs (memory grows on demand) or an unknown total."""
     if not 0 < share < 1 or not total_mb:
         return None
-    return int(share * total_mb)
+    limit = int(share * total_mb) - CUDA_CONTEXT_MB
+    if limit <= 0:
+        raise StudyError(f"a trial with {share:g} of a GPU of {total_mb} MB would have {limit} MB "
+                         f"left beside its process's CUDA context ({CUDA_CONTEXT_MB} MB): ask for "
+                         "a larger share (resources.gpus)")
+    return limit
 
 
 def configure_gpus(share: float, total_mb: int | None) -> list[str]:
     """Prepare the GPUs this process sees (Ray sets CUDA_VISIBLE_DEVICES) and name them.
 
-    A fractional trial caps TensorFlow's memory on its GPU at its share; whole GPUs grow memory on
-    demand instead of taking it all. Must run before TensorFlow touches a GPU.
+    A fractional trial caps TensorFlow's memory on its GPU (`gpu_memory_limit_mb`), and refuses to
+    run uncapped where the GPU's memory is unknown; whole GPUs grow memory on demand instead of
+    taking it all. Must run before TensorFlow touches a GPU.
     """
     gpus = tf.config.list_physical_devices("GPU")
     limit = gpu_memory_limit_mb(share, total_mb)
+    if gpus and 0 < share < 1 and limit is None:
+        raise GPUMemoryUnknown(f"a trial with {share:g} of a GPU caps its memory at its share, but "
+                               "the GPU's total memory is unknown (nvidia-smi did not report it): "
+                               "it would run uncapped beside the trials sharing the GPU")
     for gpu in gpus:
         if limit:
             tf.config.set_logical_device_configuration(
@@ -59,6 +80,12 @@ def configure_gpus(share: float, total_mb: int | None) -> list[str]:
         else:
             tf.config.experimental.set_memory_growth(gpu, True)
     return [f"/gpu:{i}" for i in range(len(gpus))]
+
+
+def reset_gpu_peaks(devices: list[str]) -> None:
+    """Start a trial's peak GPU memory (worker/gpu_peak_mb) afresh in a reused worker."""
+    for device in devices:
+        tf.config.experimental.reset_memory_stats(device.replace("/gpu", "GPU"))
 
 
 def check_gpus_seen(assigned: list[str], devices: list[str]) -> bool:

@@ -90,9 +90,11 @@ class StudyTrial(tune.Trainable):
         self._start(config)
 
     def _start(self, sampled: dict[str, Any]) -> None:
+        from study import runtime
         from study.train import Trainer
 
         self.cleanup()  # let the previous trial's model go before the next one is built
+        runtime.reset_gpu_peaks(self.devices)  # this trial's peak, not the worker's
         self.trainer = Trainer(self.spec.trial_config(sampled), dataset=self.dataset,
                                devices=self.devices)
 

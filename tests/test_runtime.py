@@ -13,7 +13,7 @@ from study.runtime import configure_gpus, gpu_memory_limit_mb
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("share,total,limit", [(0.5, 24000, 12000), (0.25, 16384, 4096),
+@pytest.mark.parametrize("share,total,limit", [(0.5, 24000, 11400), (0.25, 16384, 3496),
                                                (1.0, 24000, None), (2.0, 24000, None),
                                                (0.5, None, None)])
 def test_fractional_trials_cap_their_gpu_memory_at_their_share(share, total, limit):
@@ -110,3 +110,41 @@ def test_a_local_gpu_sweep_in_an_environment_with_the_cpu_build_is_refused(monke
     del installed["tensorflow"]
     monkeypatch.setenv(runtime.GPU_STAND_IN, "1")
     check_gpu_build(0.5)
+
+
+def test_the_caps_of_trials_sharing_a_gpu_leave_room_for_their_cuda_contexts():
+    total, shares = 24000, [0.25] * 4
+    used = sum(gpu_memory_limit_mb(s, total) + runtime.CUDA_CONTEXT_MB for s in shares)
+    assert used <= total
+    with pytest.raises(runtime.StudyError, match="ask for a larger share"):
+        gpu_memory_limit_mb(0.02, total)  # 480 MB: less than a context
+
+
+class FakeGPUs:
+    """TensorFlow's device calls on a machine with one GPU (there is none here)."""
+
+    def __init__(self, monkeypatch):
+        self.capped, self.grown, self.reset = [], [], []
+        config = runtime.tf.config
+        monkeypatch.setattr(config, "list_physical_devices", lambda kind: ["GPU:0"])
+        monkeypatch.setattr(config, "set_logical_device_configuration",
+                            lambda gpu, limits: self.capped.append((gpu, limits[0].memory_limit)))
+        monkeypatch.setattr(config.experimental, "set_memory_growth",
+                            lambda gpu, on: self.grown.append(gpu))
+        monkeypatch.setattr(config.experimental, "reset_memory_stats", self.reset.append)
+
+
+def test_a_fractional_trial_is_capped_never_silently_uncapped(monkeypatch):
+    gpus = FakeGPUs(monkeypatch)
+    assert configure_gpus(0.5, 24000) == ["/gpu:0"]
+    assert gpus.capped == [("GPU:0", 11400)] and gpus.grown == []
+    with pytest.raises(runtime.GPUMemoryUnknown, match="would run uncapped"):
+        configure_gpus(0.5, None)  # nvidia-smi did not answer
+    assert configure_gpus(1.0, None) == ["/gpu:0"] and gpus.grown == ["GPU:0"]  # a whole GPU grows
+
+
+def test_each_trial_in_a_reused_worker_starts_its_gpu_peak_afresh(monkeypatch):
+    gpus = FakeGPUs(monkeypatch)
+    runtime.reset_gpu_peaks(["/gpu:0", "/gpu:1"])
+    runtime.reset_gpu_peaks([])  # a CPU trial
+    assert gpus.reset == ["GPU:0", "GPU:1"]
