@@ -132,17 +132,21 @@ def resume_command(args) -> str:
 
 
 def summary(results, spec) -> str:
-    """The sweep's outcome: trials, failures, and the best trial by its score (`trainable.SCORE`)."""
+    """The sweep's outcome: trials, failures, and the best trial by its score (`trainable.SCORE`),
+    ranked as the parent run's summary ranks it."""
+    from sweeps.tracking.summary import Summary
     from sweeps.trainable import SCORE
 
     lines = [f"{spec.sweep_id}: {len(results)} trials, {len(results.errors)} failed"]
-    scored = [(r.metrics.get(SCORE), r) for r in results
-              if r.metrics and r.error is None]
-    scored = [(value, r) for value, r in scored if value is not None and value == value]
-    if scored:
-        value, best = (max if spec.mode == "max" else min)(scored, key=lambda pair: pair[0])
-        lines.append(f"best {spec.metric} = {value:.4f} (trial {best.metrics['trial_id']}): " + ", ".join(
-            f"{k}={v}" for k, v in spec.trial_config(best.config).to_flat().items()
+    ranking, ended = Summary(spec), {}
+    for result in results:
+        if result.metrics and result.error is None:
+            ended[result.metrics["trial_id"]] = result
+            ranking.report(result.metrics["trial_id"], result.metrics.get(SCORE))
+    if (best := ranking.best()) is not None:
+        trial_id, value = best
+        lines.append(f"best {spec.metric} = {value:.4f} (trial {trial_id}): " + ", ".join(
+            f"{k}={v}" for k, v in spec.trial_config(ended[trial_id].config).to_flat().items()
             if k.startswith(("activation.", "model."))))
     return "\n".join(lines)
 

@@ -185,3 +185,21 @@ def test_a_resumed_parent_names_every_commit_that_drove_it(tmp_path):
         parent = tracking.open_parent(client, exp, spec, tags)
     assert client.get_run(parent).data.tags["git.commits"] == "a,b"
     assert client.get_run(parent).data.tags["git.commit"] == "a"
+
+
+def test_the_command_line_names_the_best_trial_as_the_parent_run_ranks_it():
+    from sweeps.__main__ import summary
+
+    def result(trial_id, score, p, error=None):
+        return SimpleNamespace(metrics={"trial_id": trial_id, "trial/score": score}, error=error,
+                               config={"activation.p": p, "seed": 0})
+
+    results = [result("b", 0.9, 0.2), result("a", 0.9, 0.4), result("c", 0.95, 0.6, error="x"),
+               result("d", float("nan"), 0.8), result("e", 0.5, 0.1)]
+    class Grid(list):  # Ray Tune's ResultGrid, as summary reads it
+        errors = ["x"]
+
+    lines = summary(Grid(results), SPEC).splitlines()
+    assert lines[0] == f"{SPEC.sweep_id}: 5 trials, 1 failed"
+    assert lines[1].startswith("best val/accuracy_binary = 0.9000 (trial a): ")  # ties: first id
+    assert "activation.p=0.4" in lines[1]
