@@ -173,7 +173,9 @@ def _saturate(sig: tf.Tensor, cutoff: float) -> tf.Tensor:
 
 
 def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
-    """B ~ Bernoulli(p) as a boolean tensor broadcastable to z, or a Python bool when p is 0 or 1."""
+    """B ~ Bernoulli(p) as a boolean tensor broadcastable to z, or a Python bool when p is 0 or 1.
+    The uniforms are float32 whatever z's dtype: in float16 or bfloat16 p itself would be rounded
+    (bfloat16 resolves 2^-8 near 0.5)."""
     if not isinstance(p, tf.Tensor) and p in (0, 1):
         return bool(p)
     if granularity == "unit":
@@ -184,7 +186,7 @@ def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
         shape = tf.concat([tf.shape(z)[:1], tf.ones([tf.rank(z) - 1], tf.int32)], axis=0)
     else:
         shape = tf.shape(z)
-    return keras.random.uniform(shape, dtype=z.dtype, seed=seed) < tf.cast(p, z.dtype)
+    return keras.random.uniform(shape, dtype="float32", seed=seed) < tf.cast(p, "float32")
 
 
 def _unit_coins(shape: tf.Tensor, p, seed) -> tf.Tensor:

@@ -134,6 +134,18 @@ def test_share_and_shape_of_the_coin(granularity, p):
     assert abs(share - p) <= hard_share_bound(p, len(draws)), (share, len(draws))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("granularity", ["batch", "example"])
+def test_the_coin_draws_float32_uniforms_whatever_the_compute_dtype(dtype, granularity):
+    # bfloat16 and float16 would round p and the uniforms: the coin is the float32 one bit for bit
+    shape, p = (4096, 1), 0.3 + 2**-10
+    x = tf.fill(shape, tf.constant(0.5, dtype))
+    hard = sigmoid_or_binary(x, p=p, granularity=granularity, training=True, seed=7).numpy() == 1.0
+    drawn = [] if granularity == "batch" else [shape[0], 1]
+    expected = keras.random.uniform(drawn, dtype="float32", seed=7).numpy() < np.float32(p)
+    assert (hard == expected).all()
+
+
 @pytest.mark.parametrize("eval_mode", ["binary", "soft"])
 def test_evaluation_is_deterministic_follows_eval_mode_and_never_draws(eval_mode):
     layer = SigmoidOrBinary(p=0.5, cutoff=1.2, slope=2.0, noise_std=1.0, eval_mode=eval_mode,
