@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from study.config import DATA_SIZE_KEYS, SELECTOR_KEYS
 from sweeps.spec.checks import _check_config, _is_number, _show
+from sweeps.spec.parts import Dimension, Search
 from sweeps.spec.wire import _json
-
-if TYPE_CHECKING:  # annotations only
-    from sweeps.spec.model import Dimension, Search
 
 _MAX_SETTINGS = 10_000  # distinct settings of the keys that decide which entries are active
 
