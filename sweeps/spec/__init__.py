@@ -34,10 +34,11 @@ budget.batch_size fit the training images there are, in fixed, variants and spac
 The sweep id follows the spec's meaning, not its text: `SweepSpec.digest` hashes the validated
 content, so comments, key order, YAML style, the description and `max_trials` leave it unchanged.
 
-The package, by responsibility: `model` (SweepSpec, the limits, SpecError), `parts` (its dimensions, search, scheduler, resources), `yaml_io`
-(reading the file), `validate` (load_spec, parse_spec and the sections), `conditions` (the
-combinatorics of `when:`), `wire` (choices for Optuna, canonical JSON and the sweep id's hash) and
-`checks` (the field checks they share). Import from `sweeps.spec`; pickles name its classes there.
+The package, by responsibility: `model` (SweepSpec, the limits, SpecError), `parts` (its
+dimensions, search, scheduler, resources), `yaml_io` (reading the file), `validate` (load_spec,
+parse_spec and the sections), `conditions` (the combinatorics of `when:`), `wire` (choices for
+Optuna, canonical JSON and the sweep id's hash) and `checks` (the field checks they share).
+Import from `sweeps.spec`; pickles name its classes there.
 """
 
 from sweeps.spec.model import (
