@@ -74,20 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return refused(err)
     if args.command == "check":
         if args.reachable:
-            from sweeps import resources
-            from sweeps.preflight import check_ray, check_storage, check_tracking
+            from sweeps.checklist import before_client_submits
 
-            address, storage = os.environ.get("RAY_ADDRESS"), os.environ.get("STORAGE", "")
             try:
-                check_ray(address)
-                if os.environ.get("MLFLOW_TRACKING_URI"):
-                    check_tracking(os.environ["MLFLOW_TRACKING_URI"])
-                if "://" in storage:  # a path is the cluster's: only the driver there can check it
-                    check_storage(storage)
-                nodes = (resources.dashboard_nodes(address) if address and "://" in address
-                         and not resources.can_grow() else None)
-                for spec in specs if nodes is not None else []:
-                    resources.check_fits(spec.resources, nodes, f"node of the cluster at {address}")
+                before_client_submits(specs, os.environ.get("RAY_ADDRESS"))
             except StudyError as err:
                 return refused(err)
         for spec in specs:
@@ -105,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err} ({resume_command(args)})", file=sys.stderr)
         return interrupt.exit_status()
     except KeyboardInterrupt:
-        print(f"interrupted by {interrupt.name()} " + (
-            "before the record was closed; runs left RUNNING are closed KILLED when the same "
-            f"command runs again ({resume_command(args)})" if launch.recording else
-            "before the sweep started; nothing was recorded"), file=sys.stderr)
+        print(interrupt.last_line(launch.recording, resume_command(args)), file=sys.stderr)
         return interrupt.exit_status()
     except StudyError as err:
         return refused(err)

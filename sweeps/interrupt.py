@@ -14,6 +14,11 @@ SIGQUIT (Ctrl-\\), to the driver alone or to its whole process group.
   its group.
 - The exit status is 128 + the first signal.
 
+The rest of the flow only hands things here: `launch` how to stop its local Ray (`on_leaving`),
+`runner` how to close the record without Ray (`on_stop_at_once`) and Ray Tune's own handler while
+its loop runs (`runner.Catch`: `take_over`; `while_running(None)` once it ends), and `__main__`
+turns the outcome into the last line and `exit_status()`.
+
 The local Ray cluster a sweep starts never sees these signals (`sweeps.launch.start_ray` blocks
 them in its processes, as Ray itself blocks SIGINT), so it outlives a signal to the group until the
 driver has closed the record. A SIGHUP with standard output on a terminal means that terminal is
@@ -62,6 +67,23 @@ def while_running(graceful: Callable[[], None] | None) -> None:
     raise KeyboardInterrupt where the driver is."""
     global _graceful
     _graceful = graceful
+
+
+def take_over(tune_handler) -> None:
+    """Once Ray Tune's loop runs (`runner.Catch`): `tune_handler`, the SIGINT handler its loop
+    installed, becomes the first signal's graceful stop, and every stop signal comes here again.
+    Nothing changes when Ray Tune installed none (not the main thread, or disabled)."""
+    if callable(tune_handler) and tune_handler is not handler:
+        while_running(lambda: tune_handler(signal.SIGINT, None))
+        install()
+
+
+def last_line(recording: bool, resume: str) -> str:
+    """The driver's last line after a stop signal raised KeyboardInterrupt where it was."""
+    return f"interrupted by {name()} " + (
+        "before the record was closed; runs left RUNNING are closed KILLED when the same "
+        f"command runs again ({resume})" if recording else
+        "before the sweep started; nothing was recorded")
 
 
 def on_stop_at_once(close: Callable[[], str] | None) -> None:

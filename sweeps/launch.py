@@ -24,19 +24,9 @@ import psutil
 import ray
 
 from study import compat
-from study.config import TrialConfig
-from study.data import DatasetError, load
-from sweeps import interrupt, resources
+from sweeps import checklist, interrupt, resources
 from sweeps.lock import DriverLock
-from sweeps.preflight import (
-    SweepError,
-    check_gpu_build,
-    check_ray,
-    check_storage,
-    check_studies,
-    check_tracking,
-    error_line,
-)
+from sweeps.preflight import SweepError, error_line
 from sweeps.settings import Settings
 from sweeps.spec import SweepSpec
 
@@ -45,25 +35,13 @@ recording = False  # whether this driver has begun writing to the tracking store
 
 def run(spec: SweepSpec, settings: Settings, resume: str = "", trial: type | None = None):
     """Run (or resume) the sweep to the end and close its MLflow runs; Ray Tune's ResultGrid. The
-    data, the tracking store, the storage, the Ray cluster and its room for one trial are checked,
-    and the sweep's driver lock taken, before anything is started or written. `resume` is the
-    command that resumes it, named when a stop signal ends the driver at once; `trial` a subclass of
-    `StudyTrial` to run instead (the benchmarks')."""
+    sweep passes its checks (`sweeps.checklist`) and takes its driver lock before anything is
+    started or written. `resume` is the command that resumes it, named when a stop signal ends the
+    driver at once; `trial` a subclass of `StudyTrial` to run instead (the benchmarks')."""
     global recording
     interrupt.install(resume)
-    try:
-        dataset = load(TrialConfig.from_flat(spec.fixed).data)
-    except DatasetError as err:
-        raise SweepError(str(err)) from err
-    check_tracking(settings.tracking_uri)
-    check_storage(settings.storage)
-    if spec.search.algorithm != "grid":
-        check_studies(settings.optuna_storage)
-    check_ray(os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        resources.check_fits(spec.resources, [resources.local_node()], "node (this machine)")
-    if not os.environ.get("RAY_ADDRESS"):  # the trials run in this environment
-        check_gpu_build(spec.resources.gpus)
+    address = os.environ.get("RAY_ADDRESS")
+    dataset = checklist.before_driver_starts(spec, settings, address, ray.is_initialized())
     lock = DriverLock(settings.storage, spec.sweep_id).acquire()
     try:
         compat.import_ray_init_modules()
@@ -73,7 +51,7 @@ def run(spec: SweepSpec, settings: Settings, resume: str = "", trial: type | Non
         ray_start_s = start_ray()
         loading.join()
         from sweeps import runner  # loaded by now; raises here if it failed
-        if os.environ.get("RAY_ADDRESS") or not _started_here:
+        if address or not _started_here:
             nodes, grows = resources.cluster_nodes()
             if grows or not resources.can_grow():
                 resources.check_fits(spec.resources, nodes, "node of the cluster", grows)

@@ -299,8 +299,4 @@ class Catch(tune.Callback):
         if self.installed:
             return
         self.installed = True
-        tune_handler = signal.getsignal(signal.SIGINT)
-        if not callable(tune_handler) or tune_handler is interrupt.handler:
-            return  # Ray Tune did not install one (not the main thread, or disabled)
-        interrupt.while_running(lambda: tune_handler(signal.SIGINT, None))
-        interrupt.install()
+        interrupt.take_over(signal.getsignal(signal.SIGINT))

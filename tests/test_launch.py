@@ -59,3 +59,44 @@ def test_ray_start_and_the_tuning_side_import_no_module_in_common(tmp_path, firs
     assert imported["ray"] and "mlflow" in imported["tuning"]
     common = imported["ray"] & imported["tuning"]
     assert (not common) == apart, sorted(common)[:20]
+
+
+def recorded_checks(monkeypatch) -> list[str]:
+    """Replace each check `sweeps.checklist` runs by one that records its name."""
+    from sweeps import checklist, resources
+
+    calls = []
+    for name in ("check_tracking", "check_storage", "check_studies", "check_ray", "check_gpu_build"):
+        monkeypatch.setattr(checklist, name, lambda *a, name=name: calls.append(name))
+    monkeypatch.setattr(checklist, "load", lambda data: calls.append("data") or "dataset")
+    monkeypatch.setattr(resources, "check_fits", lambda *a, **k: calls.append("fits"))
+    monkeypatch.setattr(resources, "local_node", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(resources, "dashboard_nodes", lambda address: [{"CPU": 8.0}])
+    monkeypatch.setattr(resources, "can_grow", lambda: False)
+    return calls
+
+
+def test_the_driver_and_a_client_run_the_checks_in_one_order(monkeypatch, tmp_path):
+    from sweeps import checklist
+    from sweeps.settings import Settings
+    from sweeps.spec import load_spec
+
+    spec = load_spec(ROOT / "sweeps" / "specs" / "quick.yaml")  # TPE: its studies are checked
+    settings = Settings(str(tmp_path / "ray"), "sqlite:///x.db", None, "sqlite:///o.db")
+    calls = recorded_checks(monkeypatch)
+    assert checklist.before_driver_starts(spec, settings, None) == "dataset"
+    assert calls == ["data", "check_tracking", "check_storage", "check_studies", "check_ray",
+                     "fits", "check_gpu_build"]
+    calls.clear()  # on a cluster: the cluster's nodes are checked once Ray is up, its GPUs there
+    checklist.before_driver_starts(spec, settings, "http://head:8265")
+    assert calls == ["data", "check_tracking", "check_storage", "check_studies", "check_ray"]
+    calls.clear()  # a client given a server, S3 storage and a dashboard: the same order, less
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("STORAGE", "s3://bucket/ray")
+    checklist.before_client_submits([spec, spec], "http://head:8265")
+    assert calls == ["check_tracking", "check_storage", "check_ray", "fits", "fits"]
+    calls.clear()  # a client with the defaults: only the Ray address it will submit to
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("STORAGE", "/shared/ray")  # the cluster's path: its driver checks it
+    checklist.before_client_submits([spec], None)
+    assert calls == ["check_ray"]

@@ -225,7 +225,7 @@ def test_a_resumed_trial_whose_named_checkpoint_is_partial_uses_the_newest_that_
 
 LOGICAL_GPUS = """
 import os, sys, ray
-from sweeps import launch
+from sweeps import checklist, launch
 from sweeps.spec import load_spec
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
          _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -256,7 +256,7 @@ def test_a_trial_whose_tensorflow_cannot_see_its_gpus_is_refused_or_fails_at_onc
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert client.get_experiment_by_name("gpus") is None  # refused before anything is recorded
     # a driver whose own TensorFlow could see a GPU, on workers whose TensorFlow cannot
-    trusting = LOGICAL_GPUS.replace("ray.init(", "launch.check_gpu_build = lambda gpus: None\nray.init(")
+    trusting = LOGICAL_GPUS.replace("ray.init(", "checklist.check_gpu_build = lambda gpus: None\nray.init(")
     subprocess.run([sys.executable, "-c", trusting, str(path)], cwd=ROOT, env=env,
                    capture_output=True, text=True, timeout=600)
     failed = [r for r in runs(env, "gpus") if r.data.tags.get("sweep.role") == "trial"]
