@@ -151,7 +151,8 @@ def sigmoid_or_binary(
             return _fused_op(x, p, slope, cutoff, granularity, noise_std, surrogate, seed)
         z = x
         if noise_std > 0:
-            z = z + noise_std * keras.random.normal(tf.shape(x), dtype=x.dtype, seed=seed)
+            z = z + noise_std * tf.random.stateless_normal(
+                tf.shape(x), seed=_seed32(_draw_seed(seed)), mean=0.0, stddev=1.0, dtype=x.dtype)
         return _coin_op(z, _draw_coin(z, p, granularity, seed), slope, cutoff, surrogate)
 
     def eval_branch():
@@ -172,9 +173,31 @@ def _saturate(sig: tf.Tensor, cutoff: float) -> tf.Tensor:
     return tf.clip_by_value(cutoff * sig - (cutoff - 1) / 2, 0.0, 1.0)
 
 
+def _draw_seed(seed) -> tf.Tensor:
+    """The int64 seed pair of one draw: the generator's next state, the seed keras.random.* would
+    draw with (`compat.keras_draw_seed`). Under a distribution strategy with several replicas, whose
+    generator state is mirrored, replica r draws from stateless_fold_in(seed, r) (Philox) instead,
+    so that the replicas' coins and noise are distinct, and reproducible from the seed; with one
+    replica (one device, or no strategy) the draw is keras.random.*'s own."""
+    drawn = tf.cast(compat.keras_draw_seed(seed), tf.int64)
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return drawn
+    replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
+    return tf.cast(tf.random.experimental.stateless_fold_in(_seed32(drawn), replica, alg="philox"),
+                   tf.int64)
+
+
+def _seed32(drawn: tf.Tensor) -> tf.Tensor:
+    """A drawn seed as TensorFlow's stateless ops take it from keras.random.*: int32, mod 2^31 - 2."""
+    return tf.cast(tf.math.floormod(drawn, 2**31 - 2), tf.int32)
+
+
 def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
-    """B ~ Bernoulli(p) as a boolean tensor broadcastable to z, or a Python bool when p is 0 or 1.
-    The uniforms are float32 whatever z's dtype: in float16 or bfloat16 p itself would be rounded
+    """B ~ Bernoulli(p) as a boolean tensor broadcastable to z, or a Python bool when p is 0 or 1:
+    keras.random.uniform(shape) < p, drawn as keras.random.uniform draws (its TensorFlow backend:
+    the stateless uniform from the drawn seed) so that the replicas can differ (`_draw_seed`). The
+    uniforms are float32 whatever z's dtype: in float16 or bfloat16 p itself would be rounded
     (bfloat16 resolves 2^-8 near 0.5)."""
     if not isinstance(p, tf.Tensor) and p in (0, 1):
         return bool(p)
@@ -186,7 +209,9 @@ def _draw_coin(z: tf.Tensor, p, granularity: str, seed):
         shape = tf.concat([tf.shape(z)[:1], tf.ones([tf.rank(z) - 1], tf.int32)], axis=0)
     else:
         shape = tf.shape(z)
-    return keras.random.uniform(shape, dtype="float32", seed=seed) < tf.cast(p, "float32")
+    uniform = tf.random.stateless_uniform(shape, seed=_seed32(_draw_seed(seed)), minval=0.0,
+                                          maxval=1.0, dtype=tf.float32)
+    return uniform < tf.cast(p, tf.float32)
 
 
 def _unit_coins(shape: tf.Tensor, p, seed) -> tf.Tensor:
@@ -194,21 +219,21 @@ def _unit_coins(shape: tf.Tensor, p, seed) -> tf.Tensor:
     keras.random.uniform(shape) < p, from a quarter of the Philox blocks: m's top 8 bits are the
     bytes of the blocks keras.random.* would draw from the seed (16 coins a block), and m's low 15
     bits are read only where the top 8 equal P's (1 coin in 256), from a second Philox stream (the
-    same key, the counter's top bit flipped). The fused kernel draws the same coins."""
-    drawn = tf.cast(compat.keras_draw_seed(seed), tf.int64)
-    seed = tf.cast(tf.math.floormod(drawn, 2**31 - 2), tf.int32)
-    key, counter, alg = tf.raw_ops.StatelessRandomGetKeyCounterAlg(seed=seed)
+    same key, the counter's top bit flipped). The fused kernel draws the same coins. The per-element
+    comparisons are in float32, which holds every value exactly: int32 element-wise ops would run in
+    host memory on a GPU."""
+    key, counter, alg = tf.raw_ops.StatelessRandomGetKeyCounterAlg(seed=_seed32(_draw_seed(seed)))
     n = tf.reduce_prod(shape)
     words = tf.raw_ops.StatelessRandomUniformFullIntV2(
         shape=[(n + 15) // 16 * 4], key=key, counter=counter, alg=alg, dtype=tf.uint32)
-    top = tf.cast(tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:n], tf.int32)
+    top = tf.cast(tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:n], tf.float32)
     ties = tf.bitwise.bitwise_xor(counter, tf.constant([0, 2**63], tf.uint64))
     low = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[n], key=key, counter=ties, alg=alg,
                                                      dtype=tf.uint32)
-    low = tf.cast(tf.bitwise.bitwise_and(low, 0x7FFF), tf.int32)
-    top_p = tf.cast(tf.clip_by_value(tf.math.ceil(tf.cast(p, tf.float64) * 2.0**23), 0.0, 2.0**23),
-                    tf.int32)
-    low_p, top_p = top_p % 2**15, top_p // 2**15
+    low = tf.cast(tf.bitwise.bitwise_and(low, 0x7FFF), tf.float32)
+    whole_p = tf.clip_by_value(tf.math.ceil(tf.cast(p, tf.float64) * 2.0**23), 0.0, 2.0**23)
+    top_p = tf.cast(tf.math.floor(whole_p / 2**15), tf.float32)
+    low_p = tf.cast(whole_p - tf.math.floor(whole_p / 2**15) * 2**15, tf.float32)
     return tf.reshape((top < top_p) | ((top == top_p) & (low < low_p)), shape)
 
 
@@ -236,9 +261,7 @@ def _coin_op(z: tf.Tensor, coin, slope: float, cutoff: float, surrogate: str) ->
             y = hard(z)
         elif coin is False:
             y = _saturate(sig, cutoff)
-        elif coin.shape.rank == 0:  # one coin for the batch: compute only the branch it chose
-            y = tf.cond(coin, lambda: hard(z), lambda: _saturate(sig, cutoff))
-        else:
+        else:  # one coin for the batch too: a tf.cond would sync device and host per layer
             y = tf.where(coin, hard(z), _saturate(sig, cutoff))
 
         def grad(dy):
@@ -259,11 +282,11 @@ def _fused_op(x: tf.Tensor, p, slope: float, cutoff: float, granularity: str, no
     keras.random.normal's to a few ulps. Its second output keeps what the backward needs:
     sigmoid(s z), zeroed where |z| >= T (the surrogate's mask, decided once in the forward), or z
     for "ste"/"hard_sigmoid" with noise."""
-    noise_seed = tf.cast(compat.keras_draw_seed(seed), tf.int64) if noise_std > 0 else None
+    noise_seed = _draw_seed(seed) if noise_std > 0 else None
     if not isinstance(p, tf.Tensor) and p in (0, 1):
         coin, coin_seed = ("hard" if p == 1 else "soft"), None
     else:
-        coin, coin_seed = granularity, tf.cast(compat.keras_draw_seed(seed), tf.int64)
+        coin, coin_seed = granularity, _draw_seed(seed)
     keep = "sig" if surrogate == "sigmoid" else "z" if noise_std > 0 else "none"
 
     @tf.custom_gradient

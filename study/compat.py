@@ -81,6 +81,16 @@ def tf_in_xla_context(graph) -> bool:
 # Keras
 
 
+def tf_set_op_determinism(enabled: bool) -> None:
+    """Turn TensorFlow's op determinism on or off for this process
+    (`tensorflow.python.framework.config.{enable,disable,is}_op_determinism[_enabled]`): the public
+    `tf.config.experimental.enable_op_determinism` has no way back and no way to ask, and a reused
+    Ray worker runs trials that ask for either (`study.runtime.configure_determinism`)."""
+    module = "tensorflow.python.framework.config"
+    if _from("tensorflow", module, "is_op_determinism_enabled")() != enabled:
+        _from("tensorflow", module, "enable_op_determinism" if enabled else "disable_op_determinism")()
+
+
 def keras_draw_seed(seed):
     """The seed tensor keras.random.* draws with for `seed` (a SeedGenerator: its next state; an
     int: [seed, 0]; None: the next of Keras' global generator), for the fused kernel to draw what

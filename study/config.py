@@ -91,6 +91,9 @@ class BudgetConfig:
 class RuntimeConfig:
     threads: int = 0  # TensorFlow intra- and inter-op threads; 0: TensorFlow's default
     jit_compile: bool = False  # XLA-compile the training step
+    # Keras' dtype policy: float32, or variables in float32 and computation in bfloat16 / float16
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    deterministic: bool = False  # TensorFlow's op determinism (on GPUs some kernels are not, by default)
 
 
 # Keys that exist only for some values of another key: {dotted key: (selector key, allowed values)}.

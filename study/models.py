@@ -88,14 +88,15 @@ def build_network(
 
 
 class HardAbove(keras.layers.Layer):
-    """hard(x - t), t a threshold per last-axis unit held as a plain tf.Variable (no Keras weight)."""
+    """hard(x - t), t a threshold per last-axis unit held as a plain tf.Variable (no Keras weight);
+    x is compared in t's dtype (float32) whatever the layers compute in."""
 
     def __init__(self, threshold: tf.Variable, **kwargs):
         super().__init__(**kwargs)
         self.threshold = threshold
 
     def call(self, x):
-        return hard(x - self.threshold)
+        return hard(tf.cast(x, self.threshold.dtype) - self.threshold)
 
     def compute_output_shape(self, input_shape):
         return input_shape

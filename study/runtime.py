@@ -1,12 +1,16 @@
-"""Process-wide TensorFlow settings that a trial asks for: CPU thread pools, its GPUs."""
+"""Process-wide TensorFlow and Keras settings that a trial asks for: CPU thread pools, its GPUs,
+its numeric precision and op determinism. Each is set again by every trial, so a reused worker runs
+each trial as that trial asked."""
 
 from __future__ import annotations
 
 import logging
 import os
 
+import keras
 import tensorflow as tf
 
+from study import compat
 from study.errors import StudyError
 from study.names import GPU_STAND_IN
 
@@ -108,3 +112,19 @@ def strategy_for(devices: list[str]) -> tf.distribute.Strategy:
     if len(devices) > 1:
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
+
+
+def configure_precision(policy: str) -> None:
+    """Keras' dtype policy for the models built next: "float32", or "mixed_bfloat16" /
+    "mixed_float16" (variables in float32, layers computing in bfloat16 / float16; under
+    mixed_float16 `compile` wraps the optimizer in Keras' LossScaleOptimizer). The activation's coin
+    stays a float32 draw in every policy (`study.activations`)."""
+    keras.config.set_dtype_policy(policy)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """TensorFlow's op determinism, on or off: on a GPU some kernels (reductions by atomics, cuDNN's
+    fastest convolution algorithms) are nondeterministic unless it is on, and with it on, an op
+    without a deterministic implementation raises instead of running. On the CPU the training step
+    is deterministic either way."""
+    compat.tf_set_op_determinism(deterministic)

@@ -78,6 +78,8 @@ class Trainer:
         runtime.configure_threads(config.runtime.threads)
         keras.backend.clear_session()  # a reused worker process starts every trial clean
         keras.utils.set_random_seed(config.seed)
+        runtime.configure_precision(config.runtime.precision)
+        runtime.configure_determinism(config.runtime.deterministic)
         self.config = config
         self.data = data = dataset if dataset is not None else load(config.data)
         with runtime.strategy_for(list(devices)).scope():
