@@ -48,7 +48,7 @@ class Margin:
 # Equivalence margins, declared with their families (a margin in the metric's units, and why).
 BINARY_MARGIN = Margin(0.005, "0.5 points = 50 of the 10,000 test images, under twice the binomial "
                               "standard error (about 0.3 points near 90%) of one network's test "
-                              "accuracy: no reason to prefer one estimator")
+                              "accuracy: no reason to prefer one of the two")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,8 @@ def ablations(t3: Runs) -> list[Family]:
     test accuracy: different, or equivalent within the margin?"""
     variants = [v for v in dict.fromkeys(t3.trials.get(VARIANT, pd.Series(dtype=object)).dropna())
                 if v != "base"]
-    claims = [Claim(f"binary test accuracy: {v} against base", VARIANT, v, "base", BINARY, ())
+    within = _present(t3, (ARCH,))
+    claims = [Claim(f"binary test accuracy: {v} against base", VARIANT, v, "base", BINARY, within)
               for v in variants]
     return _declared("ablations of the default unit", "does changing one factor of the default "
                      "unit change its binary test accuracy, or is it equivalent within the margin?",
