@@ -3,7 +3,17 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# GPU=1: the environment from requirements-gpu.lock (TensorFlow's CUDA build) instead of
+# requirements.lock (tensorflow-cpu); every target that installs honours it, so export it on GPU
+# nodes. Each lock has its own stamp: switching builds the venv afresh from the other lock.
+GPU ?=
+ifneq ($(filter-out 0 1,$(GPU)),)
+$(error GPU=$(GPU): expected 1 (TensorFlow's CUDA build) or 0)
+endif
+LOCK := $(if $(filter 1,$(GPU)),requirements-gpu.lock,requirements.lock)
+OTHER_LOCK := $(if $(filter 1,$(GPU)),requirements.lock,requirements-gpu.lock)
+STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu)
+OTHER_STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),,-gpu)
 export KERAS_HOME ?= $(CURDIR)/.cache/keras
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
@@ -18,13 +28,14 @@ LOCAL_TRACKING := sqlite:///$(CURDIR)/runs/mlflow.db
 GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null)
 GIT_DIRTY = $(shell test -z "$$(git status --porcelain 2>/dev/null)" && echo false || echo true)
 # S3 settings that are not secrets, passed only when set (an empty endpoint would be one); the
-# credentials stay the nodes' own (an instance role, ~/.aws/credentials, their environment).
+# credentials stay the nodes' own (an instance role, ~/.aws/credentials, their environment). And
+# STUDY_CLUSTER_CAN_GROW when set: the driver's own resource check reads it too.
 AWS_SETTINGS := AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_REGION AWS_DEFAULT_REGION
 comma := ,
-JOB_AWS = $(foreach v,$(AWS_SETTINGS),$(if $($(v)),"$(v)": "$($(v))"$(comma)))
+JOB_SET = $(foreach v,$(AWS_SETTINGS) STUDY_CLUSTER_CAN_GROW,$(if $($(v)),"$(v)": "$($(v))"$(comma)))
 # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's
 # default 3); the driver closes its record and leaves within STUDY_STOP_GRACE_S (10) + ~5 s.
-JOB_ENV = {"env_vars": {$(JOB_AWS)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \
+JOB_ENV = {"env_vars": {$(JOB_SET)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \
   "OPTUNA_STORAGE": "$(OPTUNA_STORAGE)", "PGPASSFILE": "$(PGPASSFILE)", "RAY_JOB_STOP_WAIT_TIME_S": "30", \
   "STUDY_GIT_COMMIT": "$(GIT_COMMIT)", "STUDY_GIT_DIRTY": "$(GIT_DIRTY)"}, \
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
@@ -56,8 +67,9 @@ NOTEBOOKS := $(wildcard analysis/notebooks/*.py)
 
 LOCAL_STACK := sweeps/cluster/local
 
-.PHONY: help setup lock data system-deps test test-fast test-integration lint train sweep ui \
-	paper-sweeps paper tables notebooks bench dashboard cluster-up cluster-down mlflow-server mlflow-server-down clean
+.PHONY: help setup lock lock-gpu lock-backends data system-deps test test-backends test-fast test-integration lint train sweep ui \
+	paper-sweeps paper tables notebooks bench dashboard cluster-up cluster-down mlflow-server mlflow-server-down clean \
+	images
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,7 +81,7 @@ KERNEL := study/kernels/sigmoid_or_binary.so
 KERNEL_ARCH ?= $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo "-mavx2 -mno-fma" || \
   { grep -qw avx /proc/cpuinfo 2>/dev/null && echo -mavx; })
 
-setup: $(STAMP) $(KERNEL) ## Virtual environment with the pinned packages (requirements.lock), the fused kernels
+setup: $(STAMP) $(KERNEL) ## Virtual environment with the pinned packages (requirements.lock; GPU=1: requirements-gpu.lock), the fused kernels
 
 $(KERNEL): study/kernels/sigmoid_or_binary.cc $(STAMP)
 	@command -v $(CXX) >/dev/null || { echo "error: $(CXX) not found: the fused activation kernels need a C++17 compiler (set CXX=...)"; exit 2; }
@@ -78,18 +90,45 @@ $(KERNEL): study/kernels/sigmoid_or_binary.cc $(STAMP)
 	  print(' '.join(tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()))" 2>/dev/null)
 	@mv $@.tmp $@
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
+	@if [ -e $(OTHER_STAMP) ]; then echo "$(VENV) is from $(OTHER_LOCK): removing it"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-lock: ## Re-pin requirements.lock from pyproject.toml (needs the package registry)
+lock: ## Re-pin requirements.lock from pyproject.toml, then requirements-gpu.lock (needs the package registry)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet -e '.[dev]'
 	.lock-venv/bin/pip freeze --exclude-editable > requirements.lock && rm -rf .lock-venv
+	$(MAKE) --no-print-directory lock-gpu lock-backends
+
+# requirements-gpu.lock: requirements.lock's pins with tensorflow-cpu replaced by tensorflow[and-cuda]
+# of the same version, resolved by pip from the packages' metadata (a dry run: no wheel is
+# installed), in pip freeze's form and order (pip, setuptools and wheel left out as freeze does).
+TF_VERSION = $(shell sed -n 's/^tensorflow[-_]cpu==//p' requirements.lock)
+define GPU_LOCK_PY
+import json
+pins = [(p["metadata"]["name"], p["metadata"]["version"])
+        for p in json.load(open(".lock-venv/report.json"))["install"]]
+print("# requirements.lock with TensorFlow's CUDA build (tensorflow[and-cuda]) for tensorflow-cpu,\n"
+      "# resolved by pip for Linux; regenerate with `make lock-gpu` (`make lock` regenerates both).")
+print("\n".join(f"{n}=={v}" for n, v in sorted(pins, key=lambda p: p[0].lower())
+                if n.lower() not in ("pip", "setuptools", "wheel", "distribute")))
+endef
+export GPU_LOCK_PY
+
+lock-gpu: ## Re-pin requirements-gpu.lock from requirements.lock with TensorFlow's CUDA build (needs the package registry)
+	@test -n "$(TF_VERSION)" || { echo "error: requirements.lock pins no tensorflow-cpu"; exit 2; }
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	grep -v '^tensorflow[-_]cpu==' requirements.lock > .lock-venv/cpu.txt
+	.lock-venv/bin/pip install --dry-run --ignore-installed --quiet --report .lock-venv/report.json \
+	  -r .lock-venv/cpu.txt 'tensorflow[and-cuda]==$(TF_VERSION)'
+	.lock-venv/bin/python -c "$$GPU_LOCK_PY" > requirements-gpu.lock.tmp && rm -rf .lock-venv
+	@mv requirements-gpu.lock.tmp requirements-gpu.lock
 
 data: setup ## Install Fashion-MNIST (Debian's dataset-fashion-mnist where apt works, else download)
 	@if $(PY) -m study data --no-download >/dev/null 2>&1; then $(PY) -m study data --no-download; \
@@ -106,8 +145,37 @@ system-deps: ## PostgreSQL and Chromium from Debian (make mlflow-server, the int
 	  { apt-get update -qq && apt-get install -y -qq postgresql chromium >/dev/null; }; \
 	else echo "error: install PostgreSQL and Chromium (Debian: apt-get install postgresql chromium)"; exit 2; fi
 
-test: setup data lint ## All tests but the integration ones, slow ones included (CI runs both)
+test: setup data lint test-backends ## All tests but the integration ones, slow ones included (CI runs both)
 	$(PY) -m pytest -m "not integration"
+
+# The activation on Keras' JAX and PyTorch backends (CPU), in an environment without TensorFlow:
+# tests/test_backends.py (the op against the NumPy reference) and bench/gpu_check.py's smoke size.
+BACKENDS_VENV := .venv-backends
+BACKENDS := jax torch
+$(BACKENDS_VENV)/.installed: requirements-backends.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
+	rm -rf $(BACKENDS_VENV) && $(PYTHON) -m venv $(BACKENDS_VENV)
+	$(BACKENDS_VENV)/bin/pip install --quiet --upgrade pip
+	$(BACKENDS_VENV)/bin/pip install --quiet -r requirements-backends.lock
+	@touch $@
+
+test-backends: $(BACKENDS_VENV)/.installed ## The activation under JAX and PyTorch on the CPU (no TensorFlow)
+	set -e; for backend in $(BACKENDS); do \
+	  KERAS_BACKEND=$$backend PYTHONPATH=$(CURDIR) $(BACKENDS_VENV)/bin/python -m pytest -q tests/test_backends.py; \
+	done
+
+# requirements-backends.lock: Keras, NumPy and pytest at requirements.lock's pins, JAX's CPU build
+# and PyTorch (its CPU wheel where pip finds one), resolved by pip.
+PIN = $(shell grep -i '^$(1)==' requirements.lock)
+BACKEND_PACKAGES = $(call PIN,keras) $(call PIN,numpy) $(call PIN,pytest) 'jax[cpu]==0.10.2' torch==2.13.0
+lock-backends: ## Re-pin requirements-backends.lock (needs the package registry)
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet $(BACKEND_PACKAGES)
+	{ echo "# The environment of \`make test-backends\`: Keras on JAX and PyTorch (CPU builds), without TensorFlow;"; \
+	  echo "# regenerate with \`make lock-backends\` (\`make lock\` regenerates every lock)."; \
+	  .lock-venv/bin/pip freeze | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > requirements-backends.lock
+	rm -rf .lock-venv
 
 test-integration: setup data system-deps ## Two-node Ray cluster, MLflow on PostgreSQL, faults, browser
 	$(PY) -m pytest -m integration
@@ -158,6 +226,20 @@ notebooks: setup ## Execute analysis/notebooks/*.py headless into runs/notebooks
 	  $(VENV)/bin/jupytext --quiet --to ipynb --output runs/notebooks/$$name.ipynb $$nb; \
 	  $(VENV)/bin/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
 	    runs/notebooks/$$name.ipynb --output-dir runs/notebooks; \
+	done
+
+# The node images (docker/*.Dockerfile: the Makefile's setup and data in python:3.11-slim-bookworm), named
+# as the cluster templates name them; tagged with the commit they are built from (-dirty: with changes).
+REGISTRY ?=
+IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null)$(if $(filter true,$(GIT_DIRTY)),-dirty)
+IMAGE = $(if $(REGISTRY),$(REGISTRY)/)sigmoid-or-binary-$(1):$(IMAGE_TAG)
+images: ## Build the CPU and GPU node images (docker/) [REGISTRY=...] [IMAGE_TAG=...] [PUSH=1]
+	@test -n "$(GIT_COMMIT)" || { echo "error: no git commit (an image records its commit)"; exit 2; }
+	@test -z "$(PUSH)" || test -n "$(REGISTRY)" || { echo "error: PUSH=1 needs REGISTRY=..."; exit 2; }
+	set -e; for kind in cpu gpu; do \
+	  docker build -f docker/$$kind.Dockerfile --build-arg STUDY_GIT_COMMIT=$(GIT_COMMIT) \
+	    --build-arg STUDY_GIT_DIRTY=$(GIT_DIRTY) -t $(call IMAGE,$$kind) .; \
+	  $(if $(PUSH),docker push $(call IMAGE,$$kind);) \
 	done
 
 cluster-up: setup data ## A two-node Ray cluster on this machine (127.0.0.1, token auth); prints RAY_ADDRESS

@@ -64,7 +64,7 @@ def tf_gradient_registry() -> dict:
     """TensorFlow's process-wide gradient functions by name
     (`tensorflow.python.framework.ops._gradient_registry._registry`): every `tf.custom_gradient`
     traced in graph mode adds one and nothing removes it, and TensorFlow has no public way to list
-    or remove them (`study.activations.forget_gradients`)."""
+    or remove them (`study.activations_tf.forget_gradients`)."""
     registry = _from("tensorflow", "tensorflow.python.framework.ops", "_gradient_registry")
     return _attribute("tensorflow", registry, "_registry",
                       "tensorflow.python.framework.ops._gradient_registry._registry")

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from study import runtime
-from study.activations import forget_gradients, traced_gradients
+from study.activations_tf import forget_gradients, traced_gradients
 from study.calibration import calibrate, reset
 from study.config import OptimConfig, TrialConfig
 from study.data import Dataset, load

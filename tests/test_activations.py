@@ -1,6 +1,5 @@
 """The activation against an independent NumPy reference (after larq's quantizers_test.py)."""
 
-import math
 import subprocess
 import sys
 
@@ -12,38 +11,7 @@ import tensorflow as tf
 from study.activations import SigmoidOrBinary, saturation_threshold, sigmoid_or_binary
 
 from .conftest import ROOT
-
-# --- the reference, in float64, written from DESIGN.md section 1 and nothing else ---------------
-
-
-def ref_sigmoid(x):
-    return 1 / (1 + np.exp(-x))
-
-
-def ref_sat(x, s, c):
-    return np.clip(c * ref_sigmoid(s * x) - (c - 1) / 2, 0, 1)
-
-
-def ref_hard(x):
-    return (x > 0).astype(np.float64)
-
-
-def ref_grad(x, s, c, surrogate):
-    if surrogate == "sigmoid":
-        sig = ref_sigmoid(s * x)
-        u = c * sig - (c - 1) / 2
-        return np.where((u > 0) & (u < 1), c * s * sig * (1 - sig), 0.0)
-    inside = np.abs(x) <= 1
-    return np.where(inside, 1.0 if surrogate == "ste" else 0.5, 0.0)
-
-
-def inputs(s, c, eps=1e-3):
-    """Always 0, +-1 (the STE edges), both saturation edges and points just inside and outside."""
-    points = [0.0, 1.0, -1.0, 0.5, -0.5, 1 + eps, -1 - eps, 1 - eps, -1 + eps, 4.0, -4.0, 9.0, -9.0]
-    t = saturation_threshold(s, c)
-    if math.isfinite(t):
-        points += [t + eps, t - eps, -t + eps, -t - eps]
-    return np.array(points, dtype=np.float32)
+from .reference import SETTINGS, hard_share_bound, inputs, ref_grad, ref_hard, ref_sat, ref_sigmoid
 
 
 def value_and_grad(x, **kwargs):
@@ -52,9 +20,6 @@ def value_and_grad(x, **kwargs):
         tape.watch(x)
         y = sigmoid_or_binary(x, **kwargs)
     return y.numpy(), tape.gradient(y, x).numpy()
-
-
-SETTINGS = [(1.0, 1.0), (1.0, 1.2), (2.5, 1.2), (0.5, 1.0), (1.0, 2.0)]  # (slope, cutoff)
 
 
 @pytest.mark.parametrize("surrogate", ["sigmoid", "ste", "hard_sigmoid"])
@@ -102,11 +67,6 @@ def test_saturation_starts_at_ln11_for_cutoff_1_2():
     y, g = value_and_grad(np.array([t, -t, t * 1.5, -t * 1.5], np.float32), p=0.0, cutoff=1.2)
     np.testing.assert_allclose(y, [1, 0, 1, 0], atol=1e-6)
     np.testing.assert_array_equal(g, 0.0)
-
-
-def hard_share_bound(p, n):
-    """Half-width of a 99.99% normal-approximation binomial interval for the share of hard draws."""
-    return 3.9 * math.sqrt(p * (1 - p) / n) + 1e-9
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])

@@ -17,13 +17,12 @@ import tensorflow as tf
 from study import fused
 from study.activations import (
     SigmoidOrBinary,
-    forget_gradients,
     hard,
     saturating_sigmoid,
     saturation_threshold,
     sigmoid_or_binary,
-    traced_gradients,
 )
+from study.activations_tf import forget_gradients, traced_gradients
 from study.config import ActivationConfig, ModelConfig
 from study.evaluation import Evaluator, _with_parts
 from study.models import build_network

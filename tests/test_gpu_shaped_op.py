@@ -18,7 +18,7 @@ from study.activations import SigmoidOrBinary, saturation_threshold
 from study.config import TrialConfig
 
 from .conftest import ROOT
-from .test_activations import ref_grad, ref_hard, ref_sat
+from .reference import ref_grad, ref_hard, ref_sat
 
 ELEMENTWISE = {"Cast", "Less", "LessEqual", "Greater", "GreaterEqual", "Equal", "NotEqual", "Add",
                "AddV2", "Sub", "Mul", "FloorMod", "FloorDiv", "BitwiseAnd", "BitwiseOr",

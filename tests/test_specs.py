@@ -351,6 +351,7 @@ def test_shipped_specs_are_valid_and_say_how_to_launch_them(path, size):
 # of the code must not (a trial-config key added with a default leaves them alone).
 SHIPPED_IDS = {
     "sweeps/specs/quick.yaml": ("quick-e6dc865c", "quick-smoke-7efb6774"),
+    "sweeps/specs/quick_gpu.yaml": ("quick-gpu-87252db2", "quick-gpu-smoke-998ee597"),
     "sweeps/specs/lr_select.yaml": ("lr-select-e6c38e80", "lr-select-smoke-703be78c"),
     "sweeps/specs/lr_select_wide.yaml": ("lr-select-wide-289c40a4", "lr-select-wide-smoke-cc21ad45"),
     "sweeps/specs/lr_select_cnn.yaml": ("lr-select-cnn-659c377c", "lr-select-cnn-smoke-a47fbd32"),

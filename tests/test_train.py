@@ -178,7 +178,7 @@ def test_divergence_raises_with_the_history_so_far():
 def test_trial_after_trial_in_one_process_leaves_nothing_behind():
     """A reused Ray worker trains one trial after another: a closed trainer leaves neither its
     custom-gradient registrations nor its traced graphs (nor any Python object) behind."""
-    from study.activations import traced_gradients
+    from study.activations_tf import traced_gradients
 
     registered = traced_gradients()  # (other tests in this process may have left some)
 

@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# GPU node image: the Ray workers that train on GPUs. docker/cpu.Dockerfile's image with the
+# environment from requirements-gpu.lock (`make setup GPU=1`: TensorFlow's CUDA build, whose
+# nvidia-*-cu12 wheels bring CUDA and cuDNN). The driver comes from the node: the NVIDIA container
+# toolkit (Kubernetes' device plugin, `docker run --gpus`, `apptainer --nv`) mounts it and
+# nvidia-smi, which fractional trials read their GPU's memory from.
+# Build (and push) both from the repository root: make images REGISTRY=registry.example.com/you [PUSH=1]
+FROM python:3.11-slim-bookworm
+ARG DEBIAN_FRONTEND=noninteractive
+# What the Makefile's targets need: make and a C++17 compiler for the kernels (no git: the commit
+# comes in as STUDY_GIT_COMMIT).
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends make g++ \
+    && rm -rf /var/lib/apt/lists/*
+# The commit the image is built from (make images passes it), refused empty before the long steps.
+ARG STUDY_GIT_COMMIT
+ARG STUDY_GIT_DIRTY=unknown
+RUN test -n "$STUDY_GIT_COMMIT" || { echo "error: STUDY_GIT_COMMIT unset: build with make images"; exit 2; }
+WORKDIR /app
+COPY . .
+# The kernels' target: AVX2 without FMA, the Makefile's choice on x86-64, whatever CPU builds the
+# image (it runs on others). --build-arg KERNEL_ARCH= for the compiler's default.
+ARG KERNEL_ARCH="-mavx2 -mno-fma"
+# GPU=1 stays set, so that any later `make` here (make sweep, make test) keeps this environment.
+ENV GPU=1
+RUN --mount=type=cache,target=/root/.cache/pip make setup data GPU=1 && rm -rf /var/lib/apt/lists/*
+# The runs' provenance (no .git inside); the data is in the image, so nothing is downloaded. The
+# toolkit exposes the GPUs' compute and nvidia-smi (utility).
+ENV STUDY_GIT_COMMIT=$STUDY_GIT_COMMIT STUDY_GIT_DIRTY=$STUDY_GIT_DIRTY STUDY_OFFLINE=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility PATH=/app/.venv/bin:$PATH
