@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
 
 import keras
 import tensorflow as tf
@@ -62,6 +64,44 @@ def gpu_memory_limit_mb(share: float, total_mb: int | None) -> int | None:
                          f"left beside its process's CUDA context ({CUDA_CONTEXT_MB} MB): ask for "
                          "a larger share (resources.gpus)")
     return limit
+
+
+MIG_LABEL_SHARE = 0.95  # of a MIG profile's labelled size, never above its memory (A100, H100)
+
+
+def gpu_memory_mb(gpu_id: str) -> int | None:
+    """Total memory in MB of the GPU Ray assigned as `gpu_id`, from nvidia-smi; None where it cannot
+    be known (no nvidia-smi, no such GPU). A GPU in MIG mode is split into instances, each with a
+    share of its memory, and CUDA_VISIBLE_DEVICES names the instance a process sees by its UUID
+    (MIG-...): the memory is that instance's, from its profile's name in `nvidia-smi -L`
+    ("MIG 3g.20gb Device 0: (UUID: MIG-...)"), MIG_LABEL_SHARE of the size the name gives (names
+    round up: an A100's 3g.20gb holds 19,968 MiB, 0.975 of 20 GiB), and None when the process sees
+    several instances, or none, of a GPU in MIG mode (the whole card's memory would be wrong)."""
+    query = _nvidia_smi("--query-gpu=memory.total,mig.mode.current", "--format=csv,noheader,nounits",
+                        "-i", gpu_id)
+    try:
+        total, mig = (field.strip() for field in query.splitlines()[0].split(","))
+        total_mb = int(total)
+    except (AttributeError, IndexError, ValueError):
+        return None
+    if mig != "Enabled":
+        return total_mb
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if d.strip().startswith("MIG-")]
+    if len(visible) != 1:
+        return None
+    for line in (_nvidia_smi("-L") or "").splitlines():
+        if visible[0] in line and (profile := re.search(r"\bMIG\s+\d+g\.(\d+)gb\b", line)):
+            return int(int(profile.group(1)) * 1024 * MIG_LABEL_SHARE)
+    return None
+
+
+def _nvidia_smi(*args: str) -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, check=True,
+                              timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def configure_gpus(share: float, total_mb: int | None) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ class StudyTrial(tune.Trainable):
         self.spec, self.dataset = spec, dataset
         gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         share = spec.resources.gpus
-        total_mb = gpu_memory_mb(gpu_ids[0]) if gpu_ids and 0 < share < 1 else None
+        total_mb = runtime.gpu_memory_mb(gpu_ids[0]) if gpu_ids and 0 < share < 1 else None
         self.devices = runtime.configure_gpus(share, total_mb)  # once per worker process
         stand_in = runtime.check_gpus_seen(gpu_ids, self.devices)
         self.placement = json.dumps({
@@ -204,14 +203,3 @@ def gpu_peak_mb(devices: list[str]) -> dict[str, float]:
     peak = sum(tf.config.experimental.get_memory_info(d.replace("/gpu", "GPU"))["peak"]
                for d in devices)
     return {"worker/gpu_peak_mb": peak / 2**20}
-
-
-def gpu_memory_mb(gpu_id: str) -> int | None:
-    """Total memory of a GPU from nvidia-smi; None where there is none (then no cap is set)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,"
-                              "nounits", "-i", gpu_id], capture_output=True, text=True, check=True,
-                             timeout=20).stdout
-        return int(out.split()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None

@@ -148,3 +148,30 @@ def test_each_trial_in_a_reused_worker_starts_its_gpu_peak_afresh(monkeypatch):
     runtime.reset_gpu_peaks(["/gpu:0", "/gpu:1"])
     runtime.reset_gpu_peaks([])  # a CPU trial
     assert gpus.reset == ["GPU:0", "GPU:1"]
+
+
+SMI_LIST = """GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5a1c)
+  MIG 3g.20gb     Device  0: (UUID: MIG-1f2e)
+  MIG 2g.10gb     Device  1: (UUID: MIG-9c8d)
+"""
+
+
+@pytest.mark.parametrize("query,visible,expected", [
+    ("40960, Disabled", "0", 40960),  # a whole GPU: its memory
+    ("40960, [N/A]", "0", 40960),  # a GPU without MIG
+    ("40960, Enabled", "MIG-1f2e", int(20 * 1024 * 0.95)),  # the instance this process sees
+    ("40960, Enabled", "MIG-9c8d", int(10 * 1024 * 0.95)),
+    ("40960, Enabled", "MIG-1f2e,MIG-9c8d", None),  # two instances: neither is the trial's own
+    ("40960, Enabled", "0", None),  # MIG mode without an instance named: the card would be wrong
+    (None, "0", None),  # no nvidia-smi
+])
+def test_a_gpus_memory_is_its_mig_instances_where_it_is_split(monkeypatch, query, visible,
+                                                               expected):
+    answers = {"--query-gpu=memory.total,mig.mode.current": query, "-L": SMI_LIST}
+    monkeypatch.setattr(runtime, "_nvidia_smi", lambda *args: answers[args[0]])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert runtime.gpu_memory_mb("0") == expected
+    if expected is None:  # a fractional trial there fails rather than run uncapped
+        monkeypatch.setattr(runtime.tf.config, "list_physical_devices", lambda kind: ["GPU:0"])
+        with pytest.raises(runtime.GPUMemoryUnknown):
+            runtime.configure_gpus(0.5, runtime.gpu_memory_mb("0"))
