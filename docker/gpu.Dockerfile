@@ -8,8 +8,9 @@
 FROM python:3.11-slim-bookworm
 ARG DEBIAN_FRONTEND=noninteractive
 # What the Makefile's targets need: make and a C++17 compiler for the kernels (no git: the commit
-# comes in as STUDY_GIT_COMMIT).
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends make g++ \
+# comes in as STUDY_GIT_COMMIT); and what `ray up`'s launcher needs in a container: rsync (it copies
+# its files in with `rsync -e 'docker exec -i'`) and ssh (the head's autoscaler reaches the workers).
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends make g++ openssh-client rsync \
     && rm -rf /var/lib/apt/lists/*
 # The commit the image is built from (make images passes it), refused empty before the long steps.
 ARG STUDY_GIT_COMMIT

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from ray.autoscaler._private.util import prepare_config
 
 from sweeps import checklist, resources
 from sweeps.preflight import SweepError
@@ -26,6 +26,8 @@ from .conftest import ROOT
 
 CLUSTER = ROOT / "sweeps" / "cluster"
 GPU_SPEC = "sweeps/specs/quick_gpu.yaml"
+# The node images as `make images REGISTRY=REGISTRY IMAGE_TAG=TAG` names them, and the templates too.
+IMAGE = {kind: f"REGISTRY/sigmoid-or-binary-{kind}:TAG" for kind in ("cpu", "gpu")}
 
 
 def test_ray_up_config_matches_rays_schema_and_keeps_token_auth():
@@ -49,9 +51,17 @@ def test_slurm_script_is_valid_bash():
     assert "python -m sweeps run" in (CLUSTER / "slurm.sbatch").read_text()
 
 
-STUBS = {  # the Slurm and Ray commands the batch script calls, as a one-node allocation here
-    "scontrol": 'echo node0',
+STUBS = {  # the Slurm, Apptainer and Ray commands the batch script calls, as an allocation here
+    "scontrol": 'printf "%s\\n" $SLURM_JOB_NODELIST',
     "srun": 'while [ "${1#-}" != "$1" ]; do case $1 in -w) shift 2;; *) shift;; esac; done; exec "$@"',
+    # `apptainer exec [--nv] [--pwd DIR] [--bind PATHS] IMAGE CMD...`: logs IMAGE, whether --nv,
+    # the working directory and the binds, then runs CMD here
+    "apptainer": ('[ "$1" = exec ] || { echo "apptainer stub: $1" >&2; exit 64; }; shift; nv=0 pwd= binds=\n'
+                  'while [ "${1#-}" != "$1" ]; do case $1 in --nv) nv=1; shift;; --pwd) pwd=$2; shift 2;;\n'
+                  '  --bind|-B) binds=$2; shift 2;; *) echo "apptainer stub: $1" >&2; exit 64;; esac; done\n'
+                  'printf "%s\\t%s\\t%s\\t%s\\t%s\\n" "$1" "$nv" "$pwd" "$binds" "${*:2}" \\\n'
+                  '  >> "$APPTAINER_LOG"\n'
+                  'shift; exec "$@"'),
     "ray": 'exec sleep 600',
     "python": ('if [ "$1 $2 $3" = "-m sweeps run" ]; then\n'
                '  trap \'echo "driver: SIGTERM"; sleep 1; echo "driver: record closed"; exit 143\' TERM\n'
@@ -60,29 +70,36 @@ STUBS = {  # the Slurm and Ray commands the batch script calls, as a one-node al
 }
 
 
-def slurm_job(tmp_path: Path, stamp: str) -> tuple[Path, dict[str, str]]:
-    """The batch script in a checkout (tmp_path) whose .venv is the stub commands and `stamp`, the
-    Makefile's mark of the lock it was installed from, newer than the files it depends on."""
-    checkout(tmp_path, stamp)
-    stubs = tmp_path / ".venv" / "bin"
-    stubs.mkdir(parents=True)
+def sif_images() -> dict[str, str]:
+    """The SIF files the Slurm script's header pulls, and the registry image each is pulled from."""
+    text = (CLUSTER / "slurm.sbatch").read_text()
+    return dict(re.findall(r"^#\s+apptainer pull (\S+\.sif) docker://(\S+)$", text, re.M))
+
+
+def slurm_job(tmp_path: Path, nodes: tuple[str, ...] = ("node0",),
+              sifs: tuple[str, ...] | None = None) -> tuple[Path, dict[str, str]]:
+    """The batch script, submitted from tmp_path with the SIF files `sifs` there (by default the
+    ones its header pulls), the stub commands first on PATH, an allocation of `nodes`."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
     for name, body in STUBS.items():
         (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
         (stubs / name).chmod(0o755)
-    (stubs / "activate").write_text(f'export PATH="{stubs}:$PATH"\n')
+    for name in sif_images() if sifs is None else sifs:
+        (tmp_path / name).touch()
     script = tmp_path / "job.sbatch"
-    script.write_text((CLUSTER / "slurm.sbatch").read_text().replace("sleep 15", "sleep 0.1"))
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "SLURM_SUBMIT_DIR": str(tmp_path),
-           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node0", "SLURM_CPUS_PER_TASK": "1"}
+    text = (CLUSTER / "slurm.sbatch").read_text()
+    script.write_text(text.replace("sleep 15", "sleep 0.1").replace("sleep 5", "sleep 0.1"))
+    env = {"PATH": f"{stubs}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": " ".join(nodes), "SLURM_CPUS_PER_TASK": "1",
+           "APPTAINER_LOG": str(tmp_path / "apptainer.log")}
     return script, env
 
 
-def test_slurm_script_passes_its_sigterm_to_the_driver_and_waits_for_it(tmp_path):
-    """`--signal=B:TERM@120` signals the batch script alone: it must pass SIGTERM on to the driver
-    at once and end with the driver's own exit status once the driver has closed its record."""
-    text = (CLUSTER / "slurm.sbatch").read_text()
-    assert "#SBATCH --signal=B:TERM@" in text
-    script, env = slurm_job(tmp_path, ".installed-gpu")
+def run_slurm_job_until_sigterm(tmp_path: Path, nodes: tuple[str, ...]) -> tuple[str, int]:
+    """Runs the batch script until its driver runs, then sends the script SIGTERM (as B: does);
+    its output and exit status."""
+    script, env = slurm_job(tmp_path, nodes)
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -95,40 +112,59 @@ def test_slurm_script_passes_its_sigterm_to_the_driver_and_waits_for_it(tmp_path
     finally:  # the stub Ray nodes, which Slurm would end with the job
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
-    out = "".join(lines) + job.stdout.read()
+    return "".join(lines) + job.stdout.read(), job.returncode
+
+
+def test_slurm_script_passes_its_sigterm_to_the_driver_and_waits_for_it(tmp_path):
+    """`--signal=B:TERM@120` signals the batch script alone: it must pass SIGTERM on to the driver
+    (through apptainer) at once and end with the driver's own exit status once the driver has
+    closed its record."""
+    text = (CLUSTER / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@" in text
+    out, status = run_slurm_job_until_sigterm(tmp_path, ("node0",))
     assert f"driver: running {GPU_SPEC}" in out
     assert out.index("driver: SIGTERM") < out.index("driver: record closed"), out
-    assert job.returncode == 143, out
+    assert status == 143, out
     assert not (tmp_path / ".ray" / "slurm-7.token").exists()  # the EXIT trap still cleaned up
 
 
-def test_slurm_script_refuses_an_environment_not_installed_from_the_gpu_lock(tmp_path):
-    script, env = slurm_job(tmp_path, ".installed")  # `make setup`: requirements.lock, tensorflow-cpu
+def test_slurm_runs_the_head_and_the_driver_in_the_cpu_image_and_the_workers_in_the_gpu_image(tmp_path):
+    out, status = run_slurm_job_until_sigterm(tmp_path, ("node0", "node1", "node2"))
+    assert status == 143, out
+    runs = [line.split("\t") for line in (tmp_path / "apptainer.log").read_text().splitlines()]
+    assert len(runs) == 4, runs
+    pulled = sif_images()  # SIF file -> the registry image it is pulled from
+    kinds = {"ray start --head ": [], "ray start --address=": [], f"python -m sweeps run {GPU_SPEC}": []}
+    for sif, nv, pwd, binds, command in runs:
+        [kind] = [k for k in kinds if command.startswith(k)]
+        kinds[kind].append((pulled[Path(sif).name], nv))
+        assert Path(sif).parent == tmp_path and pwd == "/app"  # the image's code at /app
+        # the submit directory, where the runs are recorded, and STORAGE, which every process writes
+        assert {str(tmp_path), str(tmp_path / "runs" / "ray")} <= set(binds.split(","))
+    assert kinds == {"ray start --head ": [(IMAGE["cpu"], "0")],  # the head: CPU image, no GPU
+                     "ray start --address=": [(IMAGE["gpu"], "1")] * 2,  # workers: GPU image, --nv
+                     f"python -m sweeps run {GPU_SPEC}": [(IMAGE["cpu"], "0")]}  # the driver
+    assert (tmp_path / "runs").is_dir()
+
+
+def test_slurm_script_refuses_to_start_without_its_node_images(tmp_path):
+    [cpu] = [name for name, image in sif_images().items() if image == IMAGE["cpu"]]
+    script, env = slurm_job(tmp_path, sifs=(cpu,))  # the GPU image not pulled
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "run 'make setup data GPU=1' here first" in proc.stdout
-    assert not (tmp_path / ".ray").exists()  # refused before the token and the Ray nodes
+    [line] = proc.stdout.splitlines()
+    assert line.startswith("error: no gpu node image ") and "GPU_SIF" in line
+    assert f"apptainer pull {tmp_path}/" in line and f"docker://{IMAGE['gpu']}" in line
+    assert not (tmp_path / ".ray").exists() and not (tmp_path / "apptainer.log").exists()  # nothing started
+    for name in sif_images():  # both pulled, but CPU_SIF names a file that is not there
+        (tmp_path / name).touch()
+    proc = subprocess.run(["bash", str(script)], env={**env, "CPU_SIF": str(tmp_path / "elsewhere.sif")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"error: no cpu node image {tmp_path}/elsewhere.sif")
 
 
 # --- GPUs: the spec, the locks, the Makefile, the node images, the templates -----------------------
-
-SETUP_FILES = ["Makefile", "requirements.lock", "requirements-gpu.lock", "pyproject.toml",
-               "study/kernels/sigmoid_or_binary.cc"]
-
-
-def checkout(root: Path, stamp: str) -> None:
-    """The files `make setup` depends on, copied to `root`, with a .venv installed after them and
-    marked by `stamp`, and the kernels built after that: what `make -q setup` sees there."""
-    for name in SETUP_FILES:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, root / name)
-        os.utime(root / name, (1e9, 1e9))
-    (root / ".venv").mkdir()
-    for path, when in ((root / ".venv" / stamp, 1e9 + 10),
-                       (root / "study" / "kernels" / "sigmoid_or_binary.so", 1e9 + 20)):
-        path.touch()
-        os.utime(path, (when, when))
-
 
 def make(*args: str, cwd: Path = ROOT, **extra: str) -> subprocess.CompletedProcess:
     """`make ARGS` in the repository, with none of the caller's settings that it reads but `extra`."""
@@ -252,6 +288,15 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return found
 
 
+def dockerfile_env(kind: str) -> dict[str, str]:
+    """The variables the image of `kind` sets (its Dockerfile's ENV instructions)."""
+    env = {}
+    steps = instructions(ROOT / "docker" / f"{kind}.Dockerfile")
+    for args in (args for word, args in steps if word == "ENV"):
+        env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
 def dockerignored(path: str) -> bool:
     """Whether .dockerignore leaves `path` (or a folder above it) out of the build context."""
     parts = path.split("/")
@@ -276,6 +321,8 @@ def test_a_node_image_is_built_by_the_makefiles_targets_from_its_lock(kind, tmp_
     assert steps[0] == ("FROM", "python:3.11-slim-bookworm")
     runs = [args for word, args in steps if word == "RUN"]
     assert not any(re.search(r"\bpip3?\s+install\b|-m pip\b", run) for run in runs)  # the Makefile's job
+    apt = " ".join(re.findall(r"apt-get install ([^&]*)", " ".join(runs))).split()
+    assert {"make", "g++", "rsync", "openssh-client"} <= set(apt)  # the targets' tools; ray up's
     calls = [args.split() for run in runs
              for args in re.findall(r"(?:^|&&|\|\||;)\s*(?:--\S+\s+)*make((?:\s+[^\s;&|]+)+)", run)]
     assert len(calls) == 1, calls
@@ -286,9 +333,7 @@ def test_a_node_image_is_built_by_the_makefiles_targets_from_its_lock(kind, tmp_
     assert proc.returncode == 0, proc.stderr
     installs = re.findall(r"pip install --quiet -r (\S+)", proc.stdout)
     assert installs == [IMAGES[kind]]
-    env = {}
-    for args in (args for word, args in steps if word == "ENV"):
-        env.update(item.split("=", 1) for item in shlex.split(args))
+    env = dockerfile_env(kind)
     assert env["PATH"].startswith("/app/.venv/bin:") and env.get("GPU") == ("1" if kind == "gpu" else None)
     assert env["STUDY_GIT_COMMIT"] == "$STUDY_GIT_COMMIT" and ("ARG", "STUDY_GIT_COMMIT") in steps
     # the repository at /app: what the targets read is copied, not left out by .dockerignore
@@ -309,6 +354,26 @@ def test_a_node_image_is_built_by_the_makefiles_targets_from_its_lock(kind, tmp_
                                           "study/kernels/sigmoid_or_binary.so"))
 
 
+def template_images() -> dict[str, dict[str, str]]:
+    """Each template's node images: which image each kind of process runs in."""
+    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    [head] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    [submitter] = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    workers = {c["image"] for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]}
+    docker = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())["docker"]
+    sbatch = (CLUSTER / "slurm.sbatch").read_text()
+    [refusal] = re.findall(r"docker://(\S*\$kind\S*?)'", sbatch)  # what a missing SIF file says to pull
+    return {
+        "kuberay-rayjob.yaml": {"head": head["image"], "submitter": submitter["image"],
+                                **{f"worker {i}": image for i, image in enumerate(sorted(workers))}},
+        "ray-up.yaml": {"head": docker["head_image"], "workers": docker["worker_image"]},
+        "slurm.sbatch": {**{f"pulled into {sif}": image for sif, image in sif_images().items()},
+                         **{f"named if the {kind} SIF is missing": refusal.replace("$kind", kind)
+                            for kind in IMAGE}},
+    }
+
+
 def test_make_images_builds_both_images_under_the_names_the_templates_use():
     proc = make("-n", "images", "REGISTRY=REGISTRY", "IMAGE_TAG=TAG", "PUSH=1")
     assert proc.returncode == 0, proc.stderr
@@ -317,12 +382,13 @@ def test_make_images_builds_both_images_under_the_names_the_templates_use():
                             text=True).stdout.strip()
     assert "for kind in cpu gpu; do docker build -f docker/$kind.Dockerfile" in out
     assert f"--build-arg STUDY_GIT_COMMIT={commit} " in out
-    assert "-t REGISTRY/sigmoid-or-binary-$kind:TAG ." in out
-    assert "docker push REGISTRY/sigmoid-or-binary-$kind:TAG" in out
+    [tag] = re.findall(r" -t (\S+) \.(?=;|\s|$)", out)
+    assert "docker push " + tag in out
+    built = {kind: tag.replace("$kind", kind) for kind in IMAGES}
+    assert built == IMAGE
     assert all((ROOT / "docker" / f"{kind}.Dockerfile").exists() for kind in IMAGES)
-
-
-IMAGE = {kind: f"REGISTRY/sigmoid-or-binary-{kind}:TAG" for kind in IMAGES}
+    for template, images in template_images().items():  # both images, by the names make gives them
+        assert set(images.values()) == set(built.values()), (template, images)
 
 
 def test_kuberay_runs_the_gpu_spec_on_autoscaled_gpu_workers_and_not_on_the_head():
@@ -356,7 +422,7 @@ def test_kuberay_runs_the_gpu_spec_on_autoscaled_gpu_workers_and_not_on_the_head
         assert f"docker/{kind}.Dockerfile" in text
 
 
-def test_ray_up_runs_the_gpu_spec_on_autoscaled_gpu_workers_from_the_gpu_lock(tmp_path):
+def test_ray_up_runs_the_gpu_spec_on_autoscaled_gpu_workers_from_the_gpu_image():
     config = yaml.safe_load((CLUSTER / "ray-up.yaml").read_text())
     types, trial = config["available_node_types"], load_spec(ROOT / GPU_SPEC).resources
     head = types[config["head_node_type"]]
@@ -368,14 +434,62 @@ def test_ray_up_runs_the_gpu_spec_on_autoscaled_gpu_workers_from_the_gpu_lock(tm
     for node_type in workers.values():
         assert 0 <= node_type.get("min_workers", 0) < node_type["max_workers"] <= config["max_workers"]
         resources.check_fits(trial, [{k: float(v) for k, v in node_type["resources"].items()}], "GPU node")
-    for commands, lock in ((config["head_setup_commands"], "requirements.lock"),
-                           (config["worker_setup_commands"], "requirements-gpu.lock")):
-        [argv] = [shlex.split(c) for c in commands if c.startswith("make ")]
-        args = [a for i, a in enumerate(argv[1:]) if a != "-C" and argv[i] != "-C"]
-        proc = make("-n", *args, f"VENV={tmp_path / 'venv'}")
-        assert proc.returncode == 0, proc.stderr
-        assert re.findall(r"pip install --quiet -r (\S+)", proc.stdout) == [lock]
-    assert "STUDY_CLUSTER_CAN_GROW=1" in " ".join(config["head_start_ray_commands"])
+    # every node in a container: the head in the CPU image, the GPU workers in the GPU image with the
+    # node's GPUs, each image pulled afresh (a re-pushed TAG is not left stale)
+    docker = config["docker"]
+    assert (docker["head_image"], docker["worker_image"]) == (IMAGE["cpu"], IMAGE["gpu"])
+    assert "image" not in docker and not any("docker" in t for t in types.values())  # no other image
+    assert docker["container_name"] and docker["pull_before_run"] is True
+    assert "--gpus all" in docker["worker_run_options"]
+    assert not any("--gpus" in o for o in docker.get("run_options", []) + docker.get("head_run_options", []))
+    # Ray runs each command in a login shell, whose /etc/profile resets PATH: every start command runs
+    # the image's venv (first on the image's PATH), and the head's environment says the cluster grows
+    [venv] = {dockerfile_env(kind)["PATH"].split(":")[0] for kind in IMAGES}
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert commands[0] == f"{venv}/ray stop"
+        [start] = commands[1:]
+        path = rf"export PATH={re.escape(venv)}:\$PATH "
+        assert re.match(path + r"[^;]*RAY_AUTH_MODE=token[^;]*; ray start ", start), start
+    assert "STUDY_CLUSTER_CAN_GROW=1" in config["head_start_ray_commands"][1].split(";")[0]
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # the token, no code
+
+
+NODE_INSTALLS = re.compile(r"\bpip3?\s+install\b|-m\s+pip\b|\bmake\b[^;&|]*\bsetup\b|\bactivate\b"
+                           r"|requirements[\w-]*\.lock")
+
+
+def strings(tree) -> list[str]:
+    """Every string in a parsed YAML document."""
+    if isinstance(tree, dict):
+        return [s for value in tree.values() for s in strings(value)]
+    if isinstance(tree, list):
+        return [s for value in tree for s in strings(value)]
+    return [tree] if isinstance(tree, str) else []
+
+
+def node_commands(template: str) -> list[str]:
+    """What a template runs on its nodes: for `ray up`, every command Ray runs with its AWS defaults
+    merged in (as `ray up` merges them); for KubeRay, every string in the manifest; for Slurm, every
+    line of the script but the comments."""
+    text = (CLUSTER / template).read_text()
+    if template == "ray-up.yaml":
+        config = prepare_config(yaml.safe_load(text))
+        keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands")
+        nodes = [config, *config["available_node_types"].values()]
+        return [command for node in nodes for key in keys for command in node.get(key, [])]
+    if template.endswith(".yaml"):
+        return strings(yaml.safe_load(text))
+    return [line for line in text.replace("\\\n", " ").splitlines() if not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("template", ["ray-up.yaml", "kuberay-rayjob.yaml", "slurm.sbatch"])
+def test_no_template_installs_anything_on_a_node(template):
+    """The images bring the environment: no node pip-installs, runs `make setup` or uses a venv of
+    its own."""
+    commands = node_commands(template)
+    assert any("ray start" in c or "sweeps run" in c for c in commands)  # what runs there is seen
+    assert not [c for c in commands if NODE_INSTALLS.search(c)]
 
 
 def test_ray_ups_launch_command_passes_the_client_check_while_only_the_head_is_up(monkeypatch):
@@ -421,4 +535,3 @@ def test_slurm_runs_the_gpu_spec_on_gpu_nodes_with_the_head_taking_no_trials():
     assert f'SPEC="${{SPEC:-{GPU_SPEC}}}"' in text
     [head] = re.findall(r"ray start --head[^&]*&", text.replace("\\\n", " "))
     assert "--num-cpus=0" in head.split() and "--num-gpus=0" in head.split()
-    assert re.search(r"^make -q setup GPU=1 \|\|", text, re.M)  # the GPU environment, or no job
