@@ -125,8 +125,12 @@ def mlp(activation) -> keras.Model:
 
 
 def compiled(activation, jit: bool) -> keras.Model:
+    """The MLP, trained at a learning rate too small to move its weights while it is timed: the
+    same batch again and again at a usual rate drives the units into saturation, where gradients
+    become subnormal numbers that a CPU without flush-to-zero (PyTorch's) computes many times slower,
+    so each model's step cost would depend on how far it has trained."""
     model = mlp(activation)
-    model.compile(keras.optimizers.Adam(1e-3),
+    model.compile(keras.optimizers.Adam(1e-6),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
     return model
 
