@@ -38,21 +38,14 @@ larq `quantizers.py`.
 
 from __future__ import annotations
 
-import math
-
 import keras
 from keras import ops
+
+from study.saturation import saturation_threshold
 
 GRANULARITIES = ("batch", "example", "unit")
 SURROGATES = ("sigmoid", "ste", "hard_sigmoid")
 EVAL_MODES = ("binary", "soft")
-
-
-def saturation_threshold(slope: float, cutoff: float) -> float:
-    """|x| from which sat(x) is clipped to 0 or 1: ln((c + 1) / (c - 1)) / s (infinite for c = 1)."""
-    if cutoff == 1:
-        return math.inf
-    return math.log((cutoff + 1) / (cutoff - 1)) / slope
 
 
 def hard(x):

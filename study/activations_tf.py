@@ -15,7 +15,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from study import compat, fused
-from study.activations import saturation_threshold
+from study.saturation import saturation_threshold
 
 
 def replica_seed(seed) -> tf.Tensor:

@@ -1,44 +1,21 @@
 """The activation on whichever Keras backend runs the tests (KERAS_BACKEND: tensorflow in `make
 test`; jax and torch in `make test-backends`, an environment without TensorFlow), against the same
-float64 NumPy reference: values, surrogate gradients, the coin's law and shape, noise before both
-branches, training inside `fit` (compiled or not) and a saved model loaded again. This file imports
-nothing but NumPy, Keras and the reference at module level."""
+float64 NumPy reference: values, surrogate gradients (by the backend's own autodiff, as
+bench/gpu_check.py takes them), the coin's law and shape, noise before both branches, training
+inside `fit` (compiled or not) and a saved model loaded again. Nothing here imports TensorFlow at
+module level."""
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
+from bench.gpu_check import value_and_grad
 from study.activations import SigmoidOrBinary, sigmoid_or_binary
 
 from .reference import SETTINGS, hard_share_bound, inputs, ref_grad, ref_hard, ref_sat
 
 BACKEND = keras.backend.backend()
-
-
-def value_and_grad(fn, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """fn(x) and the gradient of sum(fn(x)) with respect to x, by the backend's own autodiff."""
-    if BACKEND == "jax":
-        import jax
-
-        y, pullback = jax.vjp(fn, jax.numpy.asarray(x))
-        (grad,) = pullback(jax.numpy.ones_like(y))
-    elif BACKEND == "torch":
-        import torch
-
-        xt = torch.tensor(x, requires_grad=True)
-        y = fn(xt)
-        y.backward(torch.ones_like(y))
-        grad = xt.grad
-    else:
-        import tensorflow as tf
-
-        xt = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(xt)
-            y = fn(xt)
-        grad = tape.gradient(y, xt)
-    return ops.convert_to_numpy(y), ops.convert_to_numpy(grad)
 
 
 @pytest.mark.parametrize("surrogate", ["sigmoid", "ste", "hard_sigmoid"])
