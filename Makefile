@@ -32,7 +32,7 @@ GIT_DIRTY = $(shell test -z "$$(git status --porcelain 2>/dev/null)" && echo fal
 # STUDY_CLUSTER_CAN_GROW when set: the driver's own resource check reads it too.
 AWS_SETTINGS := AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_REGION AWS_DEFAULT_REGION
 comma := ,
-JOB_SET = $(foreach v,$(AWS_SETTINGS) STUDY_CLUSTER_CAN_GROW,$(if $($(v)),"$(v)": "$($(v))"$(comma)))
+JOB_SET = $(foreach v,$(AWS_SETTINGS) STUDY_CLUSTER_CAN_GROW STUDY_DRIVER_LOCK,$(if $($(v)),"$(v)": "$($(v))"$(comma)))
 # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's
 # default 3); the driver closes its record and leaves within STUDY_STOP_GRACE_S (10) + ~5 s.
 JOB_ENV = {"env_vars": {$(JOB_SET)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)", "STORAGE": "$(STORAGE)", \

@@ -42,7 +42,7 @@ def run(spec: SweepSpec, settings: Settings, resume: str = "", trial: type | Non
     interrupt.install(resume)
     address = os.environ.get("RAY_ADDRESS")
     dataset = checklist.before_driver_starts(spec, settings, address, ray.is_initialized())
-    lock = DriverLock(settings.storage, spec.sweep_id).acquire()
+    lock = DriverLock(settings.storage, spec.sweep_id, settings.driver_lock).acquire()
     try:
         compat.import_ray_init_modules()
         loading = threading.Thread(target=load_tuning, args=(settings.tracking_uri,), daemon=True,

@@ -1,10 +1,14 @@
-"""One driver per sweep: a lock beside the sweep's Ray Tune storage, held for the driver's lifetime.
+"""One driver per sweep: a lock held for the driver's lifetime, beside the sweep's Ray Tune storage
+or where STUDY_DRIVER_LOCK puts it (`LockPlace`: a PostgreSQL database, `sweeps.lock_pg`, or S3 with
+conditional writes, `sweeps.lock_s3`).
 
 On a file system (a local folder, or a shared one such as NFS that the head and every driver see)
 the lock is a POSIX record lock (`fcntl.lockf`) on `STORAGE/.drivers/SWEEP_ID.lock`. The kernel (or
 the NFS lock manager) releases it when the driver's process ends, however it ends, so a driver that
 died never leaves a stale lock: that is the stale-lock rule. The file names the holder (host, pid,
-start time, command) so that a refused second launch can say who is running.
+start time, command) so that a refused second launch can say who is running. Some file systems keep
+record locks on the node that took them (`sweeps.lock_fs`): on those a launch is refused, unless
+STUDY_DRIVER_LOCK names another place or declares the storage `single-node`.
 
 On an object store (s3://...), which has no locks, the lock is an object `.drivers/SWEEP_ID.lock`
 with a heartbeat the holder rewrites every `BEAT_S` seconds; it is stale once its heartbeat is older
@@ -17,6 +21,7 @@ two drivers started together only the one whose write landed last holds it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -25,22 +30,61 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sweeps.preflight import SweepError, storage_join
+from sweeps import lock_fs
+from sweeps.preflight import SweepError, _masked, storage_join
 
 BEAT_S = 10.0
 STALE_S = 60.0
 SETTLE_S = 2.0
+SETTING = "STUDY_DRIVER_LOCK"
+HELD = (errno.EACCES, errno.EAGAIN)  # lockf's answers when another process holds the lock
 
 
 class SweepLocked(SweepError):
     """Another live driver holds the sweep; the message names it."""
 
 
+@dataclass(frozen=True)
+class LockPlace:
+    """Where the driver lock lives, from STUDY_DRIVER_LOCK: "storage" (unset: beside the storage,
+    on a file system that shares record locks between nodes), "single-node" (beside the storage,
+    unchecked: every driver of this storage runs on one machine), "postgresql" (an advisory lock in
+    the database `url`) or "s3" (a lease under `url`, s3://BUCKET/PREFIX, by conditional writes)."""
+
+    kind: str = "storage"
+    url: str = ""
+
+    @classmethod
+    def parse(cls, value: str, storage: str) -> LockPlace:
+        """The place `value` names; a SweepError (one line) for anything else."""
+        value = value.strip()
+        scheme = value.split("://", 1)[0].split("+", 1)[0].lower() if "://" in value else ""
+        if value in ("", "storage"):
+            return cls()
+        if value == "single-node":
+            if "://" in storage and not storage.startswith("file://"):
+                raise SweepError(f"{SETTING}=single-node is for a STORAGE folder, not {storage}")
+            return cls("single-node")
+        if scheme in ("postgresql", "postgres") and urlparse(value).hostname:
+            return cls("postgresql", value)
+        if scheme == "s3" and urlparse(value).netloc:
+            return cls("s3", value)
+        raise SweepError(f"{SETTING} {_masked(value)!r}: expected storage, single-node, "
+                         "postgresql://USER@HOST:PORT/DATABASE or s3://BUCKET/PREFIX")
+
+    @classmethod
+    def from_env(cls, storage: str) -> LockPlace:
+        return cls.parse(os.environ.get(SETTING, ""), storage)
+
+
 def holder_text(info: dict) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.get("started", 0)))
+    if info.get("started") is None:  # a lock whose holder's start cannot be seen
+        return f"pid {info.get('pid')} on {info.get('host')}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["started"]))
     return f"pid {info.get('pid')} on {info.get('host')} since {started}"
 
 
@@ -60,9 +104,10 @@ def _machine() -> str:
         return ""
 
 
-def _gone_from_here(info: dict) -> bool:
+def gone_from_here(info: dict) -> bool:
     """The holder ran on this machine and its process no longer exists."""
-    if not info.get("machine") or info["machine"] != _machine() or not isinstance(info.get("pid"), int):
+    if (not info.get("machine") or info["machine"] != _machine()
+            or not isinstance(info.get("pid"), int)):
         return False
     try:
         os.kill(info["pid"], 0)
@@ -74,30 +119,43 @@ def _gone_from_here(info: dict) -> bool:
 
 
 class DriverLock:
-    """`acquire()` or SweepLocked; held until `release()` or the process ends."""
+    """`acquire()` or SweepLocked; held until `release()` or the process ends. `place`: where the
+    lock lives (STUDY_DRIVER_LOCK's place when not given)."""
 
-    def __init__(self, storage: str, sweep_id: str):
+    def __init__(self, storage: str, sweep_id: str, place: LockPlace | None = None):
         self.sweep_id = sweep_id
+        self.place = place or LockPlace.from_env(storage)
         self.remote = urlparse(storage).scheme not in ("", "file")
         self.path = storage_join(storage, ".drivers", f"{sweep_id}.lock")
         self.token = uuid.uuid4().hex
         self._file = None
         self._stop = threading.Event()
+        self._elsewhere = _chosen(self.place, sweep_id)
 
-    # file systems: a record lock ---------------------------------------------------------------
     def acquire(self) -> DriverLock:
+        if self._elsewhere is not None:
+            holder = self._elsewhere.acquire(_me(self.token))
+            if holder is not None:
+                raise SweepLocked(self._refusal(holder, self._elsewhere.where))
+            return self
         if self.remote:
             return self._acquire_object()
         path = Path(urlparse(self.path).path)
+        if self.place.kind == "storage":
+            _check_file_system(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 (held open for the driver's lifetime)
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
             handle.seek(0)
             text = handle.read()
             handle.close()
-            raise SweepLocked(self._refusal(_parse(text))) from None
+            if err.errno not in HELD:
+                raise SweepError(f"the driver lock {path} cannot be taken: record locks fail there "
+                                 f"({err.strerror}); set {SETTING} to another place "
+                                 "(docs/cluster.md, \"The driver lock\")") from None
+            raise SweepLocked(self._refusal(parse_info(text))) from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(_me(self.token)))
@@ -107,7 +165,9 @@ class DriverLock:
 
     def release(self) -> None:
         self._stop.set()
-        if self._file is not None:
+        if self._elsewhere is not None:
+            self._elsewhere.release()
+        elif self._file is not None:
             with contextlib.suppress(OSError):
                 fcntl.lockf(self._file, fcntl.LOCK_UN)
             self._file.close()
@@ -118,25 +178,38 @@ class DriverLock:
 
     def held_elsewhere(self) -> dict | None:
         """Who holds the lock, if a live driver does (probing without taking it for long)."""
+        if self._elsewhere is not None:
+            return self._elsewhere.held_elsewhere()
         if self.remote:
             info = self._read_object()
             live = info and time.time() - info.get("heartbeat", 0) < STALE_S
-            return info if live and not _gone_from_here(info) else None
+            return info if live and not gone_from_here(info) else None
         path = Path(urlparse(self.path).path)
         if not path.exists():
             return None
         with open(path) as handle:
             try:
                 fcntl.lockf(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as err:
                 handle.seek(0)
-                return _parse(handle.read()) or {"pid": "?", "host": "?"}
+                held = err.errno in HELD  # elsewhere locks fail: no driver could hold it here
+                return (parse_info(handle.read()) or {"pid": "?", "host": "?"}) if held else None
             fcntl.lockf(handle, fcntl.LOCK_UN)
         return None
 
-    def _refusal(self, info: dict) -> str:
+    def seen(self) -> bool:
+        """Whether a driver of the sweep ever took this lock: its file or object is left behind
+        (by a killed driver, on a store); a database lock always answers (True)."""
+        if self._elsewhere is not None:
+            return self._elsewhere.seen()
+        if self.remote:
+            return bool(self._read_object())
+        return Path(urlparse(self.path).path).exists()
+
+    def _refusal(self, info: dict, where: str = "") -> str:
         return (f"sweep {self.sweep_id} is already running: driver {holder_text(info)} "
-                f"(lock {self.path}); wait for it or stop it, then run the same command to resume")
+                f"(lock {where or self.path}); wait for it or stop it, then run the same command "
+                "to resume")
 
     # object stores: a heartbeat object --------------------------------------------------------
     def _fs(self):
@@ -152,7 +225,7 @@ class DriverLock:
     def _read_object(self) -> dict:
         try:
             with self._fs().open_input_stream(self._object_path()) as stream:
-                return _parse(stream.read().decode())
+                return parse_info(stream.read().decode())
         except (OSError, FileNotFoundError):
             return {}
 
@@ -186,9 +259,34 @@ class DriverLock:
                 self._write_object({**info, "heartbeat": time.time()})
 
 
-def _parse(text: str) -> dict:
+def parse_info(text: str) -> dict:
     try:
         info = json.loads(text)
     except (json.JSONDecodeError, TypeError):
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def _chosen(place: LockPlace, sweep_id: str):
+    """The lock of a place other than the storage (None for the storage's own)."""
+    if place.kind == "postgresql":
+        from sweeps.lock_pg import DatabaseLock
+
+        return DatabaseLock(place.url, sweep_id)
+    if place.kind == "s3":
+        from sweeps.lock_s3 import LeaseLock
+
+        return LeaseLock(place.url, sweep_id)
+    return None
+
+
+def _check_file_system(folder: Path) -> None:
+    """Refuses a folder on a file system whose record locks stay on the node that took them."""
+    found = lock_fs.check(folder)
+    if found is not None and not found[1].ok:
+        mount, verdict = found
+        raise SweepError(f"the driver lock's folder {folder} is on {mount.fstype} ({mount.source} "
+                         f"at {mount.point}), whose record locks are not shared between nodes: "
+                         f"{verdict.why}; or set {SETTING}=postgresql://USER@HOST/DATABASE or "
+                         f"s3://BUCKET/PREFIX, or {SETTING}=single-node if every driver of this "
+                         "storage runs on this machine")

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweeps.lock import LockPlace
 from sweeps.preflight import SweepError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -18,14 +19,17 @@ class Settings:
     tracking_uri: str
     artifact_root: Path | None  # for a local tracking store; a server chooses its own
     optuna_storage: str | None = None  # the searcher's study (RDB URL); None: in memory
+    driver_lock: LockPlace = LockPlace()  # where the driver lock lives; default: beside `storage`
 
     @classmethod
     def from_env(cls) -> Settings:
-        """STORAGE, MLFLOW_TRACKING_URI and OPTUNA_STORAGE, defaulting to runs/ray, runs/mlflow.db
-        and runs/optuna.db here; a local SQLite store keeps its artifacts in mlartifacts/ and the
-        Optuna studies in optuna.db beside it. With a tracking server, OPTUNA_STORAGE names the
-        studies' database (the server's PostgreSQL: `make mlflow-server` prints it)."""
+        """STORAGE, MLFLOW_TRACKING_URI, OPTUNA_STORAGE and STUDY_DRIVER_LOCK, defaulting to
+        runs/ray, runs/mlflow.db, runs/optuna.db here and the lock beside the storage; a local
+        SQLite store keeps its artifacts in mlartifacts/ and the Optuna studies in optuna.db beside
+        it. With a tracking server, OPTUNA_STORAGE names the studies' database (the server's
+        PostgreSQL: `make mlflow-server` prints it). A bad STUDY_DRIVER_LOCK is a SweepError."""
         storage = os.environ.get("STORAGE") or str(PROJECT / "runs" / "ray")
+        lock = LockPlace.from_env(storage)
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             (PROJECT / "runs").mkdir(exist_ok=True)
@@ -34,8 +38,8 @@ class Settings:
         if uri.startswith("sqlite:///"):  # artifacts and studies beside a local store
             folder = Path(uri.removeprefix("sqlite:///")).parent
             return cls(storage, uri, folder / "mlartifacts",
-                       studies or f"sqlite:///{folder / 'optuna.db'}")
-        return cls(storage, uri, None, studies)
+                       studies or f"sqlite:///{folder / 'optuna.db'}", lock)
+        return cls(storage, uri, None, studies, lock)
 
 
 class Interrupted(SweepError):

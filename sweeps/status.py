@@ -190,11 +190,7 @@ def driver(storage: str, sweep_id: str) -> tuple[dict | None, bool]:
     lock in this storage at all (a driver that ran with it leaves one, ended or killed)."""
     lock = DriverLock(storage, sweep_id)
     holder = lock.held_elsewhere()
-    if holder is not None:
-        return holder, True
-    if lock.remote:
-        return None, bool(lock._read_object())
-    return None, Path(urlparse(lock.path).path).exists()
+    return holder, holder is not None or lock.seen()
 
 
 def close(client, storage: str, sweep: Sweep) -> str:
