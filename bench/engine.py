@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
+from study import compat
 from sweeps.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +135,9 @@ def early_stopping(size: str = "") -> dict[str, float]:
             wall, runs, startup = run_spec(spec, Path(folder), size or "full")
             if name == "none":  # the engine's overhead on trials of a real sweep (~8 s each)
                 slots = quick["search"]["max_concurrent"]
+                if slots == "auto":  # what this machine places: a trial per `resources.cpus`
+                    slots = min(quick["search"]["samples"],
+                                int(compat.ray_local_cpus() // quick["resources"]["cpus"]))
                 out["quick sweep without ASHA: sweep / ideal"] = wall / (
                     startup + compute_s(runs) / slots)
             out[f"{name} epochs"] = sum(int(r.data.tags["trial.epochs"]) for _, r in runs)

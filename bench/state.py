@@ -81,7 +81,7 @@ STATE_FILES = ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_st
                "basic-variant-state-*.json", "callback-states-*.pkl", "tuner.pkl")
 SPEC = """# benchmark spec (bench/state.py)
 name: bench-state
-fixed: {{data.name: synthetic, budget.epochs: 1, model.widths: [8]}}
+fixed: {{data.name: synthetic, budget.epochs: {epochs}, model.widths: [8]}}
 space:
   activation.p: {{uniform: [0.0, 1.0]}}
 search: {{algorithm: qmc, samples: {n}, max_concurrent: 2, seed: 0}}
@@ -183,9 +183,9 @@ def made_up_metrics(epoch: int, epochs: int, rng: random.Random) -> dict:
     return {**metrics, **{k: rng.random() for k in EPOCH_METRICS[-2:]}}
 
 
-def bench_spec(n: int, folder: Path):
+def bench_spec(n: int, folder: Path, epochs: int = 1):
     path = folder / "bench-state.yaml"
-    path.write_text(SPEC.format(n=n))
+    path.write_text(SPEC.format(n=n, epochs=epochs))
     return load_spec(path)
 
 
@@ -205,14 +205,15 @@ def state_bytes(experiment: Path) -> dict[str, float]:
             "searcher": found["searcher-state-*.pkl"]}
 
 
-def real_state(n: int, folder: Path) -> dict[str, float]:
-    """A real sweep of n InstantTrials through `launch.run`: the state files it leaves, and how
-    many snapshots Ray Tune took (`save_to_dir` calls) and the bytes they wrote in all."""
+def real_state(n: int, folder: Path, epochs: int = 1) -> dict[str, float]:
+    """A real sweep of n InstantTrials of `epochs` through `launch.run`: the state files it
+    leaves, and how many snapshots Ray Tune took (`save_to_dir` calls) and the bytes they wrote
+    in all."""
     from ray.tune.execution.tune_controller import TuneController
 
     from sweeps import api
 
-    spec, settings = bench_spec(n, folder), settings_in(folder)
+    spec, settings = bench_spec(n, folder, epochs), settings_in(folder)
     written = []
     save_to_dir = TuneController.save_to_dir
 
@@ -307,18 +308,18 @@ def tracker_time(n: int, driven: int, folder: Path) -> dict[str, float]:
     rng = random.Random(0)
     trials = []
     cpu = [0.0]  # the hooks' and the writer's thread CPU seconds
-    submit = tracker.writer.submit
+    post = tracker.writer.post
 
-    def timed(what, operation) -> None:
-        def measured() -> None:
+    def timed(key, what, payload, handler, wait=True) -> None:
+        def measured(events) -> None:
             start = time.thread_time()
             try:
-                operation()
+                handler(events)
             finally:
                 cpu[0] += time.thread_time() - start
-        submit(what, measured)
+        post(key, what, payload, measured, wait=wait)
 
-    tracker.writer.submit = timed
+    tracker.writer.post = timed
 
     def one_trial(index: int) -> None:
         trial = SimpleNamespace(trial_id=f"{index:08x}", status="RUNNING", checkpoint=None,
@@ -336,9 +337,9 @@ def tracker_time(n: int, driven: int, folder: Path) -> dict[str, float]:
 
     one_trial(0)  # the template of the copies, and the warm-up: untimed
     if n > driven + 1:
-        copies = copy_trial_runs(settings.tracking_uri, exp_id, parent, tracker.runs["00000000"],
-                                 range(1, n - driven))
-        tracker.runs.update(copies)
+        copies = copy_trial_runs(settings.tracking_uri, exp_id, parent,
+                                 tracker.trial_runs.runs["00000000"], range(1, n - driven))
+        tracker.trial_runs.runs.update(copies)
         for trial_id in copies:
             trials.append(SimpleNamespace(trial_id=trial_id, status="TERMINATED", checkpoint=None,
                                           config={}))

@@ -13,7 +13,6 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
 
 from study import compat
 from sweeps import interrupt, tracking
@@ -21,7 +20,7 @@ from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, error_line, storage_join
 from sweeps.progress import Progress
 from sweeps.settings import Interrupted, Settings
-from sweeps.space import DefineByRun, Repeats, StudySearch, sampler, study_storage
+from sweeps.space import DefineByRun, Repeats, StudySearch, limited, sampler, study_storage
 from sweeps.spec import SweepSpec
 from sweeps.trainable import SCORE, TIME_ATTR, StudyTrial, ray_keeps
 
@@ -158,8 +157,8 @@ def close_at_once(client, exp_id: str, spec: SweepSpec, parent: str) -> str:
     left = []
     if tracker is not None:
         tracker.writer.stop()
-        tracker.writer.thread.join(timeout=2.0)
-        left = [what for what, _ in tracker.writer.queue]
+        tracker.writer.join(timeout=2.0)
+        left = tracker.writer.left()
     closed = tracking.close_stale_runs(client, exp_id, spec.sweep_id, role="trial")
     client.set_terminated(parent, status="KILLED")
     note = (f", without {len(left)} MLflow writes ({tracking.describe_left(left)})" if left else "")
@@ -220,6 +219,9 @@ def param_space(spec: SweepSpec) -> dict:
 
 
 def tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
+    """The searcher behind the spec's concurrency (`space.limited`), or the grid: at most
+    `max_concurrent` trials at once, or under "auto" none (Ray Tune keeps up to 200 grid trials
+    pending, more on a cluster of more CPUs, and runs what the cluster places)."""
     search_alg, samples = None, 1
     if spec.search.algorithm != "grid":
         searcher = StudySearch(space=DefineByRun(spec), metric=SCORE, mode=spec.mode,
@@ -227,7 +229,7 @@ def tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
                                storage=study_storage(settings.optuna_storage))
         if len(spec.seeds) > 1:
             searcher = Repeats(searcher, repeat=len(spec.seeds))
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+        search_alg = limited(searcher, spec)
         samples = spec.num_trials
     scheduler = None
     if spec.scheduler.name == "asha":
@@ -236,7 +238,7 @@ def tune_config(spec: SweepSpec, settings: Settings) -> tune.TuneConfig:
                                   reduction_factor=spec.scheduler.reduction_factor)
     return tune.TuneConfig(metric=SCORE, mode=spec.mode, search_alg=search_alg,
                            scheduler=scheduler, num_samples=samples, reuse_actors=True,
-                           max_concurrent_trials=spec.search.max_concurrent if search_alg is None
+                           max_concurrent_trials=spec.search.concurrency if search_alg is None
                            else None)
 
 

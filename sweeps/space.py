@@ -1,18 +1,21 @@
 """From a spec's space to Ray Tune: Optuna define-by-run (conditional spaces), repeated over seeds
-or not, or a grid of trials."""
+or not, behind a concurrency limit (fixed, or what the cluster places: `ClusterLimiter`), or a grid
+of trials."""
 
 from __future__ import annotations
 
+import math
 import pickle
+import time
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search import Repeater
+from ray.tune.search import ConcurrencyLimiter, Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from study import compat
-from sweeps.spec import SweepSpec, encode_choice
+from sweeps.spec import MAX_CONCURRENT, Resources, SweepSpec, encode_choice
 
 
 class DefineByRun:
@@ -104,7 +107,94 @@ class Repeats(Repeater):
 
 
 def sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    """Seeded TPE, or scrambled quasi-random (Sobol) sampling for exploration."""
+    """Seeded TPE, or scrambled quasi-random (Sobol) sampling for exploration.
+
+    TPE runs with `constant_liar`: a setting is sampled while others run (Ray's OptunaSearch asks
+    the study for each trial and tells it at the trial's end, so the study holds the running ones
+    as RUNNING), and the liar counts the running settings among the worse ones, so concurrent
+    trials are not drawn near each other. It is Optuna 5.0's default, passed explicitly so that no
+    change of that default alters what a sweep samples under its id; with one trial at a time
+    nothing else runs, and the liar changes nothing.
+
+    `n_startup_trials` stays Optuna's 10, whatever the concurrency: Optuna counts finished trials
+    only (COMPLETE or PRUNED), so every setting asked before 10 have finished is a random draw, and
+    a first wave of hundreds is random however wide it is. TPE then starts on 10 results, as it
+    would one trial at a time, with the running trials as lies; a startup of the concurrency's size
+    would draw a second wave at random too, ignoring the results it has."""
     if spec.search.algorithm == "qmc":
         return optuna.samplers.QMCSampler(seed=spec.search.seed, scramble=True)
-    return optuna.samplers.TPESampler(seed=spec.search.seed)
+    return optuna.samplers.TPESampler(seed=spec.search.seed, constant_liar=True)
+
+
+def limited(searcher: Searcher, spec: SweepSpec) -> ConcurrencyLimiter:
+    """`searcher` behind the spec's concurrency: a fixed `max_concurrent`, or "auto"."""
+    if spec.search.concurrency is None:
+        return ClusterLimiter(searcher, spec.resources)
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.search.concurrency)
+
+
+class ClusterLimiter(ConcurrencyLimiter):
+    """`max_concurrent: auto`: the searcher is asked for a trial only while fewer trials are live
+    (asked and not yet ended) than `cluster_slots` says the cluster holds, re-read at most every
+    `refresh_s` seconds, so a setting is drawn when it can start, with every result there is by
+    then. Its own `max_concurrent` is `MAX_CONCURRENT`: Ray Tune keeps as many trials pending as
+    the ConcurrencyLimiter inside its search algorithm allows (`TuneController._max_pending_trials`,
+    one for a searcher without one), so a freed or added slot is filled at the next step of its
+    loop, and a wide cluster fills at once rather than one trial per step."""
+
+    def __init__(self, searcher: Searcher, resources: Resources, refresh_s: float = 5.0):
+        super().__init__(searcher, max_concurrent=MAX_CONCURRENT)
+        self.resources, self.refresh_s = resources, refresh_s
+        self._slots, self._read_at = 0, -math.inf
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if len(self.live_trials) >= self.slots():
+            return None
+        return super().suggest(trial_id)
+
+    def slots(self) -> int:
+        if time.monotonic() - self._read_at >= self.refresh_s:
+            self._slots, self._read_at = cluster_slots(self.resources), time.monotonic()
+        return self._slots
+
+    def set_state(self, state: dict) -> None:
+        """A restored limiter reads the cluster afresh (its clock was another process's)."""
+        super().set_state(state)
+        self._read_at = -math.inf
+
+
+def cluster_slots(resources: Resources) -> int:
+    """The trials of `resources` the connected cluster's alive nodes hold at once (a trial is one
+    bundle, so each on one node). While its autoscaler may still add a node that holds one, as many
+    again (at least one): Ray's autoscaler adds nodes for pending trials only, and launches at
+    most as many nodes at once as are up (its default upscaling_speed 1), so keeping as many
+    pending as run lets the cluster double at each step; the settings pending are drawn that much
+    earlier than they start."""
+    import ray
+
+    alive = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    slots = sum(node_slots(node, resources) for node in alive)
+    config = compat.ray_cluster_config()
+    groups = config.node_group_configs if config is not None else []
+    grows = any(can_add(dict(group.resources), group.max_count, alive, resources)
+                for group in groups)
+    return slots + (max(slots, 1) if grows else 0)
+
+
+def can_add(shape: dict[str, float], most: int, alive: list[dict[str, float]],
+            resources: Resources) -> bool:
+    """Whether an autoscaler's node group (its nodes' resources, its most nodes, -1: no limit)
+    may add a node that holds a trial: fewer of its shape (CPUs and GPUs) are alive than its most."""
+    def size(node):
+        return float(node.get("CPU", 0)), float(node.get("GPU", 0))
+
+    if most == 0 or not node_slots(shape, resources):
+        return False
+    return most < 0 or sum(size(node) == size(shape) for node in alive) < most
+
+
+def node_slots(node: dict[str, float], resources: Resources) -> int:
+    """The trials of `resources` one node of these total resources holds."""
+    need = {"CPU": float(resources.cpus), "GPU": float(resources.gpus)}
+    return min(math.floor(node.get(key, 0.0) / amount + 1e-9)
+               for key, amount in need.items() if amount)

@@ -141,12 +141,14 @@ class StudyTrial(tune.Trainable):
         experiment, so a driver killed in between leaves a snapshot naming a deleted checkpoint;
         on object storage, where a checkpoint's files are written and deleted one by one, a kill
         can also leave one partial. Every checkpoint of a trial is a state of the same
-        deterministic run: restore the one named if it loads, else the newest other that does."""
+        deterministic run: restore the one with the most epochs that loads (of equal ones, the
+        one named)."""
         checkpoint = getattr(checkpoint_path, "checkpoint", None)
         if checkpoint is None:
             return super().restore(checkpoint_path)
         named = [checkpoint_path] if _exists(checkpoint) else []
-        candidates = named + [c for c in _siblings(checkpoint) if c.path != checkpoint.path]
+        others = [c for c in _siblings(checkpoint) if c.path != checkpoint.path]
+        candidates = sorted(named + others, key=lambda c: -_epochs(getattr(c, "checkpoint", c)))
         failure = None
         for candidate in candidates:
             try:
@@ -174,6 +176,15 @@ def _exists(checkpoint: tune.Checkpoint) -> bool:
     from pyarrow import fs
 
     return checkpoint.filesystem.get_file_info(checkpoint.path).type != fs.FileType.NotFound
+
+
+def _epochs(checkpoint: tune.Checkpoint) -> int:
+    """Epochs a checkpoint holds (its history's length); -1 where its history cannot be read."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/history.json") as f:
+            return len(json.loads(f.read()))
+    except (OSError, ValueError):
+        return -1
 
 
 def _siblings(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:

@@ -200,6 +200,11 @@ CASES = {
         "space.data.train_size: data.train_size: 60000 is more than the 54000"),
     "max_concurrent": (spec_with(**{"search/max_concurrent": 1_000_000}), {},
                        "search.max_concurrent: 1000000, at most 10000 (trials at once)"),
+    "max_concurrent of a word": (spec_with(**{"search/max_concurrent": "everything"}), {},
+                                 "search.max_concurrent: expected an integer >= 1 or auto (as many "
+                                 "as the cluster places), got 'everything'"),
+    "max_concurrent of zero": (spec_with(**{"search/max_concurrent": 0}), {},
+                               "search.max_concurrent: expected an integer >= 1 or auto"),
     "max_failures": (spec_with(max_failures=10**9), {},
                      "max_failures: 1000000000, at most 100 (retries of each failed trial)"),
     "reduction factor": (spec_with(**{"scheduler/reduction_factor": 10**6}), {},

@@ -95,9 +95,10 @@ def test_a_tracker_pickled_before_the_split_is_restored_as_the_active_one(monkey
         assert tracking.active_tracker() is tracker
         assert tracker.__getstate__() == {**TRACKER_STATE, "spec": parse_spec(RAW, WHERE),
                                           "dataset": RECORD}
-        assert tracker.runs == {} and tracker.found is None and tracker.seen == set()
-        assert tracker.writer.thread.is_alive() and tracker.writer.thread not in threads
+        assert tracker.trial_runs.runs == {} and tracker.trial_runs.found is None
+        assert tracker.seen == set()
+        assert all(t.is_alive() and t not in threads for t in tracker.writer.threads)
         assert tracker.client.tracking_uri == TRACKER_STATE["tracking_uri"]
     finally:
         tracker.writer.stop()
-        tracker.writer.thread.join(10)
+        tracker.writer.join(10)

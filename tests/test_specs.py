@@ -308,6 +308,30 @@ def test_a_count_or_size_at_its_bound_is_valid_and_one_past_it_refused(kind, tmp
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+# search.max_concurrent: a positive integer up to MAX_CONCURRENT or the word auto, nothing else
+@pytest.mark.parametrize("value", [0, -1, 2.5, 2.0, True, "2", "Auto", "AUTO", "all", "", None,
+                                   ["auto"], {"auto": 1}])
+def test_max_concurrent_other_than_an_integer_or_auto_is_refused_in_one_line(value, tmp_path):
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, edited(**{"search/max_concurrent": value}) if value is not None
+                        else GOOD.replace("samples: 4}", "samples: 4, max_concurrent: null}")))
+    assert "search.max_concurrent: expected an integer >= 1 or auto" in str(err.value)
+    assert str(err.value).startswith(str(tmp_path)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "qmc", "grid"])
+def test_max_concurrent_auto_has_no_fixed_cap_and_a_sweep_id_of_its_own(algorithm, tmp_path):
+    grid = {"search/algorithm": "grid", "space": {"activation.p": {"grid": [0.0, 1.0]}}}
+    changes = grid if algorithm == "grid" else {"search/algorithm": algorithm}
+    auto = load_spec(write(tmp_path, edited(**changes, **{"search/max_concurrent": "auto"})))
+    assert auto.search.max_concurrent == "auto" and auto.search.concurrency is None
+    fixed = [load_spec(write(tmp_path, edited(**changes, **{"search/max_concurrent": n})))
+             for n in (1, 2, 10_000)]
+    assert [spec.search.concurrency for spec in fixed] == [1, 2, 10_000]
+    assert len({spec.sweep_id for spec in [auto, *fixed]}) == 4
+    assert load_spec(write(tmp_path, edited(**changes))).search.concurrency == 2  # the default
+
+
 def test_a_size_is_held_to_the_data_of_its_own_settings(tmp_path):
     path = write(tmp_path, GOOD + "quick: {fixed: {data.name: digits, data.train_size: 2000}}\n")
     assert load_spec(path).fixed == {"data.name": "synthetic", "budget.epochs": 3}
@@ -350,8 +374,8 @@ def test_shipped_specs_are_valid_and_say_how_to_launch_them(path, size):
 # read under these ids. An edit of a spec's meaning changes them (update this table with it); a change
 # of the code must not (a trial-config key added with a default leaves them alone).
 SHIPPED_IDS = {
-    "sweeps/specs/quick.yaml": ("quick-e6dc865c", "quick-smoke-7efb6774"),
-    "sweeps/specs/quick_gpu.yaml": ("quick-gpu-87252db2", "quick-gpu-smoke-998ee597"),
+    "sweeps/specs/quick.yaml": ("quick-e140ea5a", "quick-smoke-3136a1c3"),  # max_concurrent: auto
+    "sweeps/specs/quick_gpu.yaml": ("quick-gpu-b9e6607c", "quick-gpu-smoke-ec48255f"),
     "sweeps/specs/lr_select.yaml": ("lr-select-e6c38e80", "lr-select-smoke-703be78c"),
     "sweeps/specs/lr_select_wide.yaml": ("lr-select-wide-289c40a4", "lr-select-wide-smoke-cc21ad45"),
     "sweeps/specs/lr_select_cnn.yaml": ("lr-select-cnn-659c377c", "lr-select-cnn-smoke-a47fbd32"),

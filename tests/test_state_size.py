@@ -97,8 +97,8 @@ def test_the_tracker_finds_the_sweeps_runs_once_not_once_per_trial(tmp_path, mon
     parent = client.create_run(exp, tags={"sweep.id": SPEC.sweep_id, "sweep.role": "parent"})
     searches = []
     find_runs = tracking.find_runs
-    monkeypatch.setattr(tracking.callback, "find_runs",  # the name the tracker calls
-                        lambda *a: searches.append(a) or find_runs(*a))
+    for module in (tracking.callback, tracking.trial_runs):  # the names the tracker calls
+        monkeypatch.setattr(module, "find_runs", lambda *a: searches.append(a) or find_runs(*a))
     tracker = tracking.MlflowTracker(SPEC, uri, exp, parent.info.run_id, {"sweep.id": SPEC.sweep_id})
     trials = [SimpleNamespace(trial_id=f"t{i:02d}", config={"activation.p": i / 30, "seed": 0},
                               status="RUNNING", checkpoint=None) for i in range(30)]
@@ -118,7 +118,8 @@ def test_the_tracker_finds_the_sweeps_runs_once_not_once_per_trial(tmp_path, mon
     again = tracking.MlflowTracker(SPEC, uri, exp, parent.info.run_id, {"sweep.id": SPEC.sweep_id})
     again.on_trial_start(0, trials, trials[3])  # a resumed driver finds the trial's run
     assert again.writer.flush(10) == []
-    assert again.runs["t03"] == next(r.info.run_id for r in runs if r.data.tags["trial.id"] == "t03")
+    assert again.trial_runs.runs["t03"] == next(r.info.run_id for r in runs
+                                                if r.data.tags["trial.id"] == "t03")
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])

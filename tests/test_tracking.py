@@ -2,6 +2,7 @@
 server in order, say what is left, surface bugs; closing tags come from the run's history."""
 
 import dataclasses
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -49,46 +50,47 @@ def test_an_unreachable_server_never_blocks_the_hooks_and_the_driver_says_what_i
     for epoch in (1, 2, 3):
         tracker.on_trial_result(epoch, [one], one, result(epoch))
     tracker.on_trial_complete(3, [one], one)
-    assert len(tracker.writer.queue) >= 4  # all queued while the first write still fails
+    assert tracker.writer.waiting == 5  # all waiting while the first write still fails
     left = tracker.writer.flush(deadline_s=1)
-    assert [w for w in left if w.startswith("trial")] == [
-        "trial t1: open", "trial t1: epoch 1", "trial t1: epoch 2", "trial t1: epoch 3",
-        "trial t1: close"]
-    assert tracking.describe_left(left) == "trial t1: epochs 1-3, open, close; parent: summary"
+    assert left == ["trial t1: open", "trial t1: epoch 1", "trial t1: epoch 2",
+                    "trial t1: epoch 3", "trial t1: close"]
+    assert tracking.describe_left(left) == "trial t1: epochs 1-3, open, close"
     assert tracker.writer.outage_since is not None
     tracker.writer.stop()  # no retries (with urllib3's random jitter) behind later tests' backs
-    tracker.writer.thread.join(timeout=30)
-    assert not tracker.writer.thread.is_alive()
+    tracker.writer.join(timeout=30)
+    assert not any(thread.is_alive() for thread in tracker.writer.threads)
+
+
+def write_in_order(done: list, failures) -> callable:
+    """A handler that writes each event's name to `done`, raising the next of `failures` (an
+    exception or None) before each write."""
+    def handler(events):
+        while events:
+            error = next(failures, None)
+            if error:
+                raise error
+            done.append(events.pop(0)[0])
+    return handler
 
 
 def test_writes_wait_out_an_outage_in_order(monkeypatch):
     monkeypatch.setattr(tracking.Writer, "FIRST_BACKOFF_S", 0.01)
     writer = tracking.Writer("test")
-    done, failures = [], iter([ConnectionError("refused")] * 2)
-
-    def flaky():
-        error = next(failures, None)
-        if error:
-            raise error
-        done.append("first")
-
-    writer.submit("a: flaky", flaky)
-    writer.submit("a: second", lambda: done.append("second"))
+    done = []
+    handler = write_in_order(done, iter([ConnectionError("refused")] * 2))
+    writer.post("a", "first", None, handler)
+    writer.post("a", "second", None, handler)
     assert writer.flush(deadline_s=30) == []
     assert done == ["first", "second"]
 
 
 def test_a_write_that_fails_for_another_reason_surfaces_on_the_next_hook():
     writer = tracking.Writer("test")
-
-    def bug():
-        raise ValueError("a bug, not an outage")
-
-    writer.submit("a: bug", bug)
+    writer.post("a", "bug", None, write_in_order([], iter([ValueError("a bug, not an outage")])))
     with pytest.raises(ValueError, match="a bug"):
         writer.flush(deadline_s=10)
     with pytest.raises(ValueError, match="a bug"):
-        writer.submit("a: next", lambda: None)
+        writer.post("a", "next", None, lambda events: events.clear())
 
 
 def test_closing_again_brings_stale_tags_up_to_date(store):
@@ -203,3 +205,94 @@ def test_the_command_line_names_the_best_trial_as_the_parent_run_ranks_it():
     assert lines[0] == f"{SPEC.sweep_id}: 5 trials, 1 failed"
     assert lines[1].startswith("best val/accuracy_binary = 0.9000 (trial a): ")  # ties: first id
     assert "activation.p=0.4" in lines[1]
+
+
+def test_a_trials_waiting_epochs_and_close_are_written_in_one_batch(store):
+    """While the store is busy a trial's epochs wait; then they go in one `log_batch`, with the
+    closing tags: the calls per trial do not grow with its epochs."""
+    uri, client, exp, parent = store
+    tracker = tracker_for(store)
+    one = trial()
+    with tracker.writer.lock:  # the lanes take nothing until every event is posted
+        tracker.on_trial_start(0, [one], one)
+        for epoch in range(1, 21):
+            tracker.on_trial_result(epoch, [one], one, result(epoch))
+        tracker.on_trial_complete(20, [one], one)
+        assert tracker.writer.peak_queue == 22
+    tracker.on_experiment_end([one])
+    assert tracker.left == []
+    calls = tracker.client.calls
+    assert (calls["create_run"], calls["log_batch"], calls["log_artifacts"],
+            calls["set_terminated"]) == (1, 3, 1, 1), calls  # params; the epochs with the
+    # closing tags; the parent's summary
+    [run] = client.search_runs([exp], "tags.`trial.id` = 't1'")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(
+        range(1, 21))
+    assert (run.info.status, run.data.tags["trial.epochs"]) == ("FINISHED", "20")
+
+
+def test_a_full_queue_holds_the_poster_back_and_loses_nothing():
+    writer = tracking.Writer("test", bound=3)
+    release, done = threading.Event(), []
+
+    def slow(events):
+        release.wait(30)
+        while events:
+            done.append(events.pop(0)[0])
+
+    for name in ("a", "b", "c"):
+        writer.post("k", name, None, slow)
+    fourth = threading.Thread(target=writer.post, args=("k", "d", None, slow))
+    fourth.start()
+    fourth.join(0.5)
+    assert fourth.is_alive()  # back-pressure: the fourth waits for room
+    release.set()
+    fourth.join(30)
+    assert writer.flush(30) == [] and done == ["a", "b", "c", "d"]
+    assert writer.peak_queue == 3
+
+
+def test_a_server_is_written_in_parallel_and_each_key_in_order():
+    """A tracking server gets several lanes: a key whose write is slow holds up only its own
+    lane's keys, and a key's events stay in order."""
+    writer = tracking.Writer("http://tracking.example", lanes=4)
+    first, other = next((a, b) for a in ("trial 1", "trial 2", "trial 3") for b in
+                        ("trial 4", "trial 5", "trial 6") if writer.lane(a) != writer.lane(b))
+    other_written, order = threading.Event(), []
+
+    def waits_for_other(events):
+        assert other_written.wait(10), "the other lane waited behind this one"
+        order.extend(what for what, _ in events)
+        events.clear()
+
+    def quick(events):
+        other_written.set()
+        events.clear()
+
+    writer.post(first, "epoch 1", None, waits_for_other)
+    writer.post(other, "epoch 1", None, quick)
+    writer.post(first, "epoch 2", None, waits_for_other)
+    assert writer.flush(30) == [] and order[-1] == "epoch 2" and sorted(order) == order
+    assert tracking.writer.lanes_for("sqlite:///x.db") == 1
+    assert tracking.writer.lanes_for("http://server:5000") == 8
+
+
+def test_a_closed_runs_artifacts_are_read_without_the_checkpoints_weights(tmp_path):
+    from pyarrow import fs
+
+    folder = tmp_path / "checkpoint_000003"
+    folder.mkdir()
+    for name, text in (("history.json", "[{}]"), ("state.data-00000-of-00001", "weights"),
+                       ("state.index", "index")):
+        (folder / name).write_text(text)
+    opened = []
+    local = fs.LocalFileSystem()
+    spy = SimpleNamespace(get_file_info=local.get_file_info,
+                          open_input_stream=lambda path: opened.append(path) or
+                          local.open_input_stream(path))
+    out = tmp_path / "out"
+    out.mkdir()
+    tracking.trial_runs.copy_files(SimpleNamespace(path=str(folder), filesystem=spy),
+                                   ("history.json", "model.keras"), out)
+    assert opened == [f"{folder}/history.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["history.json"]

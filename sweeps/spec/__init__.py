@@ -60,11 +60,13 @@ from sweeps.spec.model import (
     SpecError,
     SweepSpec,
 )
+from sweeps.spec.parts import AUTO
 from sweeps.spec.validate import load_spec, parse_spec
 from sweeps.spec.wire import decode_choice, encode_choice
 
 __all__ = [
     "ALGORITHMS",
+    "AUTO",
     "DISTRIBUTIONS",
     "MAX_CONCURRENT",
     "MAX_FAILURES",

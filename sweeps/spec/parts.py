@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from sweeps.spec.wire import _json
 
@@ -31,12 +31,22 @@ class Dimension:
         return self.distribution in ("choice", "grid")
 
 
+AUTO = "auto"  # search.max_concurrent: no fixed cap, as many trials as the cluster can place
+
+
 @dataclass(frozen=True)
 class Search:
+    """`max_concurrent`: trials at once, or "auto" (`AUTO`): as many as the cluster places."""
+
     algorithm: str = "tpe"
     samples: int = 8
-    max_concurrent: int = 2
+    max_concurrent: int | Literal["auto"] = 2
     seed: int = 0
+
+    @property
+    def concurrency(self) -> int | None:
+        """The fixed number of trials at once; None under "auto"."""
+        return None if self.max_concurrent == AUTO else self.max_concurrent
 
 
 @dataclass(frozen=True)

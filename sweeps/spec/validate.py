@@ -49,6 +49,7 @@ from sweeps.spec.model import (
     SweepSpec,
     _failer,
 )
+from sweeps.spec.parts import AUTO
 from sweeps.spec.wire import _hash, _json
 from sweeps.spec.yaml_io import _check_tree, _load_yaml, _read_text
 
@@ -184,11 +185,14 @@ def _check_search(search: Search, fail) -> None:
     if search.algorithm not in ALGORITHMS:
         fail("search.algorithm", f"expected one of {', '.join(ALGORITHMS)}, got "
                                  f"{_show(search.algorithm)}")
-    for name in ("samples", "max_concurrent"):
-        value = getattr(search, name)
-        if not is_int(value) or value < 1:
-            fail(f"search.{name}", f"expected an integer >= 1, got {_show(value)}")
-    _at_most("search.max_concurrent", search.max_concurrent, MAX_CONCURRENT, "trials at once", fail)
+    if not is_int(search.samples) or search.samples < 1:
+        fail("search.samples", f"expected an integer >= 1, got {_show(search.samples)}")
+    if search.max_concurrent != AUTO:
+        if not is_int(search.max_concurrent) or search.max_concurrent < 1:
+            fail("search.max_concurrent", f"expected an integer >= 1 or {AUTO} (as many as the "
+                                          f"cluster places), got {_show(search.max_concurrent)}")
+        _at_most("search.max_concurrent", search.max_concurrent, MAX_CONCURRENT, "trials at once",
+                 fail)
     if not is_int(search.seed) or search.seed < 0:
         fail("search.seed", f"expected an integer >= 0, got {_show(search.seed)}")
     _check_value("seed", search.seed, "search.seed", fail)
