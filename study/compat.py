@@ -19,9 +19,11 @@ version is missing from `CHECKED`, so moving a pin, even to a patch release, mea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -164,6 +166,15 @@ def ray_kill_at_once_on_shutdown(node) -> None:
     node.kill_all_processes = lambda **how: kill(**{**how, "allow_graceful": False})
 
 
+def ray_reread_auth() -> None:
+    """Have Ray's core in this process read RAY_AUTH_MODE and its token again
+    (`ray._raylet.Config.initialize`, `ray._raylet.AuthenticationTokenLoader.reset_cache`: what
+    Ray's own test helper `reset_auth_token_state` does): it reads them once per process, and no
+    public API reads them again (bench/ray_nodes.py switches token authentication on and off)."""
+    _from("ray", "ray._raylet", "Config").initialize("")
+    _from("ray", "ray._raylet", "AuthenticationTokenLoader").instance().reset_cache()
+
+
 def tune_drop_actor_env_var(name: str) -> None:
     """Stop Ray Tune from giving every trainable actor the environment variable `name` (its
     module-level defaults, `ray.tune.execution.class_cache.DEFAULT_ENV_VARS`): an actor with an
@@ -171,6 +182,31 @@ def tune_drop_actor_env_var(name: str) -> None:
     public option sets them."""
     defaults = _from("ray", "ray.tune.execution.class_cache", "DEFAULT_ENV_VARS")
     defaults.pop(name, None)
+
+
+def tune_pace_snapshots(decide) -> None:
+    """After a trial's checkpoint, Ray Tune snapshots the experiment when `decide(bytes of its last
+    snapshot)` says so, instead of whenever a trial has checkpointed `CheckpointConfig.num_to_keep`
+    times (`ray.tune.execution.experiment_state._ExperimentCheckpointManager.on_trial_checkpoint`,
+    which sets `_should_force_sync_up`; the last snapshot's files are in
+    `_storage.experiment_driver_staging_path`). No public option paces it while `num_to_keep` is
+    set. For this process, from now on."""
+    manager = _from("ray", "ray.tune.execution.experiment_state", "_ExperimentCheckpointManager")
+    _attribute("ray", manager, "on_trial_checkpoint",
+               "ray.tune.execution.experiment_state._ExperimentCheckpointManager.on_trial_checkpoint")
+
+    def on_trial_checkpoint(self, trial) -> None:
+        storage = _attribute("ray", self, "_storage", "ray.tune.execution.experiment_state."
+                             "_ExperimentCheckpointManager._storage")
+        _attribute("ray", self, "_should_force_sync_up", "ray.tune.execution.experiment_state."
+                   "_ExperimentCheckpointManager._should_force_sync_up")
+        staging = Path(storage.experiment_driver_staging_path)
+        size = sum(p.stat().st_size for p in staging.iterdir() if p.is_file()) \
+            if staging.is_dir() else 0
+        if decide(size):
+            self._should_force_sync_up = True
+
+    manager.on_trial_checkpoint = on_trial_checkpoint
 
 
 def tune_trainable_kwargs(trial) -> dict:
@@ -238,6 +274,23 @@ def mlflow_store(client):
     tracking = _attribute("mlflow", client, "_tracking_client",
                           "mlflow.tracking.MlflowClient._tracking_client")
     return tracking.store
+
+
+@contextlib.contextmanager
+def mlflow_around_requests(around):
+    """While in the block, every HTTP request of this process's MLflow client, the REST calls and
+    the artifact uploads alike, goes through `around(send)(method, url, *args, **kwargs)`, where
+    `send` is MLflow's own (`mlflow.utils.rest_utils._get_http_response_with_retries`, which
+    `http_request` and the artifact repository both call): no public hook sees every request
+    (bench/remote_mlflow.py adds a server's latency and counts the calls)."""
+    rest = _module("mlflow", "mlflow.utils.rest_utils")
+    send = _attribute("mlflow", rest, "_get_http_response_with_retries",
+                      "mlflow.utils.rest_utils._get_http_response_with_retries")
+    rest._get_http_response_with_retries = around(send)
+    try:
+        yield
+    finally:
+        rest._get_http_response_with_retries = send
 
 
 def mlflow_server_history_bulk(host_creds, run_ids: list[str], key: str, max_results: int) -> list:

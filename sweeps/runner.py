@@ -15,7 +15,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCall
 from ray.tune.schedulers import ASHAScheduler
 
 from study import compat
-from sweeps import interrupt, tracking
+from sweeps import interrupt, snapshots, tracking
 from sweeps.lock import DriverLock, holder_text
 from sweeps.preflight import SweepError, error_line, storage_join
 from sweeps.progress import Progress
@@ -208,6 +208,7 @@ def trainable(spec: SweepSpec, dataset, trial: type[StudyTrial] = StudyTrial):
     Nothing here uses Lightning. Variables Tune passes on from the driver's environment (AWS
     credentials for S3 storage) still go."""
     compat.tune_drop_actor_env_var("PL_DISABLE_FORK")
+    snapshots.install()  # Ray Tune's snapshots paced, for every tuner (new or restored)
     return tune.with_resources(tune.with_parameters(trial, spec=spec, dataset=dataset),
                                {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
 

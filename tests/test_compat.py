@@ -174,6 +174,29 @@ def test_tune_controller_names_are_those_of_the_installed_controller():
     assert compat.tune_staging_path(controller) == "/staging"
 
 
+def test_tune_snapshots_are_paced_by_the_decision_on_the_last_snapshots_size(tmp_path,
+                                                                            monkeypatch):
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    monkeypatch.setattr(_ExperimentCheckpointManager, "on_trial_checkpoint",
+                        _ExperimentCheckpointManager.on_trial_checkpoint)  # put back afterwards
+    (tmp_path / "experiment_state-1.json").write_text("x" * 300)
+    (tmp_path / "searcher-state-1.pkl").write_text("y" * 200)
+    manager = _ExperimentCheckpointManager(
+        storage=types.SimpleNamespace(experiment_driver_staging_path=str(tmp_path)),
+        checkpoint_period=10.0, sync_every_n_trial_checkpoints=1)
+    manager.on_trial_checkpoint("trial")
+    assert manager._should_force_sync_up  # Ray Tune's own rule: forced after each checkpoint
+    manager._should_force_sync_up = False
+    decisions = iter([False, True])
+    sizes = []
+    compat.tune_pace_snapshots(lambda size: sizes.append(size) or next(decisions))
+    manager.on_trial_checkpoint("trial")
+    assert not manager._should_force_sync_up
+    manager.on_trial_checkpoint("trial")
+    assert manager._should_force_sync_up and sizes == [500, 500]
+
+
 def test_tune_actor_environment_loses_the_variable_and_trainable_kwargs_are_rays(monkeypatch):
     from ray.tune.execution import class_cache
     from ray.tune.experiment import trial
