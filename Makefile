@@ -254,7 +254,7 @@ mlflow-server: setup system-deps ## MLflow tracking server on PostgreSQL, http:/
 mlflow-server-down: ## Stop the server and the database of mlflow-server
 	$(LOCAL_STACK)/mlflow-server.sh down
 
-bench: setup data ## The nine benchmarks, side by side; writes bench/results.json and bench/results.md
+bench: setup data ## The ten benchmarks, side by side; writes bench/results.json and bench/results.md
 	$(PY) bench/run.py
 
 STUDIES ?= sqlite:///$(CURDIR)/runs/optuna.db

@@ -1,9 +1,9 @@
-"""`make bench`: the nine benchmarks of the project against their references, side by side in one
+"""`make bench`: the ten benchmarks of the project against their references, side by side in one
 run. Each benchmark's figures and verdicts are written as soon as it ends: bench/results.json,
 bench/results.md and the table in docs/benchmarks.md.
 
     .venv/bin/python bench/run.py [--only activation,evaluation,throughput,pipeline,overhead,asha,tracking,
-                                          scale,state]
+                                          scale,state,cluster]
     .venv/bin/python bench/run.py --smoke --out DIR   # every benchmark at a tiny size (the tests')
 """
 
@@ -55,6 +55,13 @@ TARGETS = {
               ("server load of 1000 runs s", "< 15 s", lambda v: v < 15)],
     "state": [("state bytes per trial, largest / smallest size", *_at_most(1.5)),
               ("tracker s per trial, largest / smallest size", *_at_most(1.5))],
+    # issue 24: per trial-epoch of a sweep on a multi-node cluster, the larger size over the smaller
+    "cluster": [*((f"{cost} per trial-epoch, largest / smallest size", *_at_most(1.5))
+                  for cost in ("driver CPU s", "state bytes written", "MLflow calls", "MLflow s")),
+                ("wall / ideal, largest / smallest size", *_at_most(1.5)),
+                ("state bytes written per trial-epoch, most at any size", "< 10 KB",
+                 lambda v: v < 10_000),
+                ("record complete at every size", "yes (1)", lambda v: v == 1)],
 }
 
 
@@ -70,6 +77,7 @@ SMOKE = {
     "tracking": {"pairs": 1, "fixed": {"data.name": "synthetic", "budget.epochs": 1}},
     "scale": {"sizes": (5, 10), "server_sizes": ()},
     "state": {"sizes": (4, 8), "real_up_to": 4, "driven": 2},
+    "cluster": {"sizes": (3, 6), "workers": 2, "cpus": 2, "epochs": 3, "epoch_s": 0.2},
 }
 
 
@@ -84,13 +92,14 @@ def main() -> int:
     if args.smoke and args.out == HERE:
         parser.error("--smoke writes its meaningless figures elsewhere: give --out")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from bench import activation, engine, scale, state
+    from bench import activation, cluster, engine, scale, state
 
     run = {"activation": activation.activation_cost, "evaluation": activation.evaluation_cost,
            "throughput": activation.throughput,
            "pipeline": activation.input_pipeline, "overhead": engine.sweep_overhead,
            "asha": engine.early_stopping, "tracking": engine.tracking_cost,
-           "scale": scale.analysis_scale, "state": state.state_scale}
+           "scale": scale.analysis_scale, "state": state.state_scale,
+           "cluster": cluster.cluster_scale}
     today = time.strftime("%Y-%m-%d")
     results = {"date": today, "machine": f"{platform.machine()}, "
                f"{os.cpu_count()} CPU cores, {platform.python_implementation()} "
