@@ -25,8 +25,6 @@ import errno
 import fcntl
 import json
 import os
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -35,10 +33,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from sweeps import lock_fs
+from sweeps.lock_holder import (
+    BEAT_S,
+    STALE_S,
+    gone_from_here,
+    holder_text,
+    me,
+    parse_info,
+)
 from sweeps.preflight import SweepError, _masked, storage_join
 
-BEAT_S = 10.0
-STALE_S = 60.0
 SETTLE_S = 2.0
 SETTING = "STUDY_DRIVER_LOCK"
 HELD = (errno.EACCES, errno.EAGAIN)  # lockf's answers when another process holds the lock
@@ -81,43 +85,6 @@ class LockPlace:
         return cls.parse(os.environ.get(SETTING, ""), storage)
 
 
-def holder_text(info: dict) -> str:
-    if info.get("started") is None:  # a lock whose holder's start cannot be seen
-        return f"pid {info.get('pid')} on {info.get('host')}"
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["started"]))
-    return f"pid {info.get('pid')} on {info.get('host')} since {started}"
-
-
-def _me(token: str) -> dict:
-    now = time.time()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now,
-            "token": token, "command": " ".join(sys.argv)[:300], "machine": _machine()}
-
-
-def _machine() -> str:
-    """This kernel boot and PID namespace ("" where /proc does not tell): within them a pid names
-    one process, so a lock holder's pid can be checked with kill(pid, 0)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    except OSError:
-        return ""
-
-
-def gone_from_here(info: dict) -> bool:
-    """The holder ran on this machine and its process no longer exists."""
-    if (not info.get("machine") or info["machine"] != _machine()
-            or not isinstance(info.get("pid"), int)):
-        return False
-    try:
-        os.kill(info["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by another user
-        return False
-    return False
-
-
 class DriverLock:
     """`acquire()` or SweepLocked; held until `release()` or the process ends. `place`: where the
     lock lives (STUDY_DRIVER_LOCK's place when not given)."""
@@ -134,7 +101,7 @@ class DriverLock:
 
     def acquire(self) -> DriverLock:
         if self._elsewhere is not None:
-            holder = self._elsewhere.acquire(_me(self.token))
+            holder = self._elsewhere.acquire(me(self.token))
             if holder is not None:
                 raise SweepLocked(self._refusal(holder, self._elsewhere.where))
             return self
@@ -158,7 +125,7 @@ class DriverLock:
             raise SweepLocked(self._refusal(parse_info(text))) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps(_me(self.token)))
+        handle.write(json.dumps(me(self.token)))
         handle.flush()
         self._file = handle
         return self
@@ -237,7 +204,7 @@ class DriverLock:
         held = self.held_elsewhere()
         if held and held.get("token") != self.token:
             raise SweepLocked(self._refusal(held))
-        info = _me(self.token)
+        info = me(self.token)
         try:  # the sweep's first write to the store: credentials that may only read fail here
             self._write_object(info)
         except OSError as err:
@@ -257,14 +224,6 @@ class DriverLock:
                 if self._read_object().get("token") not in (None, self.token):
                     return  # taken over after a stall longer than STALE_S: never overwrite it
                 self._write_object({**info, "heartbeat": time.time()})
-
-
-def parse_info(text: str) -> dict:
-    try:
-        info = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def _chosen(place: LockPlace, sweep_id: str):

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlparse
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sweeps.lock import BEAT_S, STALE_S, gone_from_here, parse_info
+from sweeps.lock_holder import BEAT_S, STALE_S, gone_from_here, parse_info
 from sweeps.preflight import SweepError, storage_join
 
 CONFLICT = (404, 409, 412)  # the object changed or went: another driver's write came first
