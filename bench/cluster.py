@@ -22,19 +22,10 @@ driver (`bench.remote_mlflow.remote_latency`, 20 ms); the training, `CheapTrial`
 values, the history as checkpoint) that sleeps `epoch_s` per epoch. No scheduler: every trial
 runs every epoch, so the ideal wall time is ceil(N / slots) * E * epoch_s.
 
-Sizing (measured on this machine, 24 GiB, 2 cores, with `bench.ray_nodes.memory_mb` mid-sweep):
-a trial worker (a Ray worker holding a CheapTrial actor, idle in its sleep) takes 122 MB PSS (120
-USS, 205 RSS); a worker node's own processes (`ray start`, raylet, dashboard and runtime-env
-agents) ~0.3 GB PSS; the head's ~0.6 GB. The default 10 nodes x 4 CPUs = 40 slots, with the driver
-and the server, held ~9.5 GB: ~12 GiB stay free for other work. An epoch of 2 s gives the driver
-20 results a second, what 400 trials of 20 s epochs give the driver of a 50-node GPU cluster.
-
-Time of the full run (1,000 then 10,000 trials of 20 epochs), estimated from a run at 80 and 240
-trials of 5 epochs on the default cluster (2026-12-07, commit 37d7f60, the machine loaded by other
-work): the ideal is 17 min + 2.8 h, but there the driver's CPU per trial-epoch grew with the sweep
-(0.076 s at 80 trials, 0.140 s at 240: Ray Tune snapshotted the experiment after every
-trial-epoch); at that growth 1,000 trials take the driver ~2.5 h and 10,000 take days. With flat
-costs the run takes ~3.5 h. The smoke size takes under 2 minutes.
+The default cluster (10 nodes x 4 CPUs = 40 slots, epochs of 2 s: 20 results a second, what 400
+trials of 20 s epochs give the driver of a 50-node GPU cluster) is sized to what this machine's
+memory holds beside other work; docs/benchmarks.md ("cluster") has the measured sizes, the figures
+and how long a run takes.
 """
 
 from __future__ import annotations
