@@ -296,3 +296,35 @@ def test_a_closed_runs_artifacts_are_read_without_the_checkpoints_weights(tmp_pa
                                    ("history.json", "model.keras"), out)
     assert opened == [f"{folder}/history.json"]
     assert sorted(p.name for p in out.iterdir()) == ["history.json"]
+
+
+@pytest.mark.parametrize("failing", ["create_run", "log_batch", "log_artifacts", "set_terminated"])
+def test_a_write_replayed_after_an_outage_loses_and_doubles_nothing(store, monkeypatch, failing):
+    """The store goes away in the middle of a trial's writes (each kind of call in turn fails once
+    as an outage does): the replay writes every epoch once, one run, closed with its tags."""
+    monkeypatch.setattr(tracking.Writer, "FIRST_BACKOFF_S", 0.01)
+    uri, client, exp, parent = store
+    tracker = tracker_for(store)
+    real, failed = getattr(tracker.client.client, failing), []
+
+    def once(*args, **kwargs):
+        if not failed:
+            failed.append(failing)
+            real(*args, **kwargs) if failing == "create_run" else None  # made, then cut off
+            raise ConnectionError("refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client.client, failing, once)
+    one = trial()
+    with tracker.writer.lock:
+        tracker.on_trial_start(0, [one], one)
+        for epoch in (1, 2, 3):
+            tracker.on_trial_result(epoch, [one], one, result(epoch))
+        tracker.on_trial_complete(3, [one], one)
+    tracker.on_experiment_end([one])
+    assert failed == [failing] and tracker.left == []
+    [run] = client.search_runs([exp], "tags.`trial.id` = 't1'")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert (run.info.status, run.data.tags["trial.epochs"]) == ("FINISHED", "3")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json"}

@@ -47,6 +47,7 @@ class MlflowTracker(tune.Callback):
         self.ended: set[str] = set()  # trials that ended by their own rule (or failed) here
         self.summary = Summary(spec)
         self.summary_loaded = False
+        self.summary_changed = False  # a change not written yet
         self.trial_runs = TrialRuns(self.client, spec, exp_id, parent_run_id, tags, dataset,
                                     self.summary, self._ended)
         self.writer = Writer(tracking_uri)
@@ -140,19 +141,19 @@ class MlflowTracker(tune.Callback):
             self.summary.seed(find_runs(self.client, self.exp_id, {"sweep.id": self.spec.sweep_id,
                                                                    "sweep.role": "trial"}))
             self.summary_loaded = True
-        changed = False
         for _, (kind, trial_id, value) in events:
             if kind == "score":
-                changed |= self.summary.report(trial_id, value)
+                self.summary_changed |= self.summary.report(trial_id, value)
             else:
                 self.summary.ended[trial_id] = value
-                changed = True
-        if changed:
+                self.summary_changed = True
+        if self.summary_changed:  # a write that fails leaves `events` to be taken in again
             timestamp, step = int(time.time() * 1000), len(self.summary.ended)
             self.client.log_batch(
                 self.parent_run_id,
                 metrics=[Metric(k, v, timestamp, step) for k, v in self.summary.metrics().items()],
                 tags=[RunTag(k, v) for k, v in self.summary.tags().items()])
+            self.summary_changed = False
         events.clear()
 
     def _drop_orphans(self, events: list) -> None:

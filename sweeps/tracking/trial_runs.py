@@ -79,6 +79,7 @@ class TrialRuns:
         self.facts: dict[str, Facts] = {}  # run id -> what it holds
         self.found: dict[str, str] | None = None  # trial id -> run id of runs already there
         self.found_lock = threading.Lock()
+        self.creating: set[str] = set()  # trials whose run's creation was cut off
 
     def write(self, trial_id: str, events: list) -> None:
         """A trial's events in order, each removed from `events` once written: an "open" (re)opens
@@ -116,8 +117,7 @@ class TrialRuns:
         trial_config = self.spec.trial_config(config)
         params = flat_to_strings(trial_config.to_flat())
         if run is None:
-            self.runs[trial_id] = self.create(trial_id, config, trial_config, params)
-            self.facts[self.runs[trial_id]] = Facts()
+            self.create(trial_id, config, trial_config, params)
             return
         run_id, held = run.info.run_id, run.data.tags
         steps = self.epochs(run_id)
@@ -129,6 +129,8 @@ class TrialRuns:
         if missing or tags:
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in missing.items()],
                                   tags=[RunTag(k, v) for k, v in tags.items()])
+        if self.dataset is not None and not run.inputs.dataset_inputs:  # as with the params
+            self.client.log_inputs(run_id, datasets=[self.dataset.input()])
         if start and run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
         for stale in ("trial.ended", "trial.failure"):  # of the previous attempt
@@ -151,13 +153,16 @@ class TrialRuns:
         settings = self.summary.settings_of(trial_config.to_flat(), variant)
         tags["mlflow.note.content"] = ", ".join(f"{k} {v}" if k == "variant" else f"{k}={v}"
                                                 for k, v in settings.items())
+        self.creating.add(trial_id)  # until it returns: a call cut off may have made the run
         run = self.client.create_run(self.exp_id, tags=tags,
                                      run_name=f"{self.spec.name}-{trial_id}")
         run_id = run.info.run_id
+        self.creating.discard(trial_id)
+        self.runs[trial_id], self.facts[run_id] = run_id, Facts()  # a replay finds it: no twin
+        self.summary.settings[trial_id] = settings
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         if self.dataset is not None:
             self.client.log_inputs(run_id, datasets=[self.dataset.input()])
-        self.summary.settings[trial_id] = settings
         return run_id
 
     def find(self, trial_id: str):
@@ -173,6 +178,10 @@ class TrialRuns:
                         found.setdefault(run.data.tags["trial.id"], run.info.run_id)
                 self.found = found
         run_id = self.runs.get(trial_id) or self.found.get(trial_id)
+        if run_id is None and trial_id in self.creating:  # a create cut off: did it make one?
+            made = find_runs(self.client, self.exp_id, {"sweep.id": self.spec.sweep_id,
+                                                        "trial.id": trial_id})
+            run_id = made[0].info.run_id if made else None
         if run_id is None:
             return None
         try:
@@ -223,23 +232,26 @@ class TrialRuns:
         if close.only_if_open and facts.closed:
             return
         metrics, tags = self.batch(run_id, results)
-        self.remember(run_id, metrics, tags)
-        epochs = len(facts.steps)
-        diverged = facts.failed and not close.error
+        after = Facts(facts.steps | {m.step for m in metrics},
+                      facts.tested or any(m.key == FINAL_METRICS[0] for m in metrics),
+                      facts.failed or "trial.failure" in tags)  # once this batch is written
+        epochs = len(after.steps)
+        diverged = after.failed and not close.error
         if close.interrupted:
             ended, status = "interrupted", "KILLED"
         elif close.error or diverged:
             ended, status = ("failed" if close.error else "diverged"), "FAILED"
         else:
-            ended = ("budget" if epochs >= self.spec.epochs else "plateau" if facts.tested
+            ended = ("budget" if epochs >= self.spec.epochs else "plateau" if after.tested
                      else "scheduler")
             status = "FINISHED"
-        tags |= interrupted_tags(epochs) if close.interrupted else {
+        closing = interrupted_tags(epochs) if close.interrupted else {
             "trial.epochs": str(epochs), "trial.ended": ended, "trial.closed": "true",
             "trial.stopped_early": str(ended == "scheduler").lower()}
         if close.error:
-            tags["trial.failure"] = close.error
-        self.log_batch(run_id, metrics, tags)
+            closing["trial.failure"] = close.error
+        self.log_batch(run_id, metrics, tags | closing)
+        self.remember(run_id, metrics, tags)  # written: a replay after an outage skips them
         self.artifacts(run_id, close.config, close.checkpoint)
         self.client.set_terminated(run_id, status=status)
         facts.closed = status != "KILLED"
