@@ -229,7 +229,7 @@ def from_export(folder: str | Path, experiments: list[str], sweeps: Iterable[str
     frame = pd.concat([pd.read_csv(p / "runs.csv", dtype=str, keep_default_na=False) for p in parts],
                       ignore_index=True).fillna("").replace("", np.nan)
     frame = frame[frame["experiment"].isin(experiments)]
-    history = pd.concat([pd.read_csv(p / "history.csv") for p in parts], ignore_index=True)
+    history = pd.concat([pd.read_csv(history_file(p)) for p in parts], ignore_index=True)
     return refuse_open(select(_typed(frame, history), sweeps), export=str(folder))
 
 
@@ -242,10 +242,16 @@ def exports(folder: str | Path) -> list[Path]:
     return [p for p in (folder, *sorted(folder.iterdir())) if (p / "runs.csv").is_file()]
 
 
+def history_file(part: Path) -> Path:
+    """An export's history: history.csv.gz as `export` writes it, or a plain history.csv."""
+    packed = part / "history.csv.gz"
+    return packed if packed.is_file() else part / "history.csv"
+
+
 def export(runs: Runs, folder: str | Path) -> None:
-    """Write each experiment's frames as CSV into folder/EXPERIMENT/ (runs.csv, history.csv; exact
-    float round trip), sorted so that the files are stable; other experiments' exports in the
-    folder are left as they are."""
+    """Write each experiment's frames as CSV into folder/EXPERIMENT/ (runs.csv, history.csv.gz:
+    gzip without a timestamp, so byte-stable; exact float round trip), sorted so that the files are
+    stable; other experiments' exports in the folder are left as they are."""
     for experiment in runs.experiments:
         part = runs.of(experiment)
         out = Path(folder) / experiment
@@ -255,7 +261,9 @@ def export(runs: Runs, folder: str | Path) -> None:
         frame.astype(object).where(frame.notna(), "").map(_text).to_csv(out / "runs.csv",
                                                                          index=False)
         hist = part.history.sort_values(["run_id", "key", "step"], kind="stable")
-        hist.to_csv(out / "history.csv", index=False, float_format="%.17g")
+        hist.to_csv(out / "history.csv.gz", index=False, float_format="%.17g",
+                    compression={"method": "gzip", "mtime": 0})
+        (out / "history.csv").unlink(missing_ok=True)  # an export written before compression
 
 
 def load(source: str, experiments: list[str], sweeps: Iterable[str] = (),
