@@ -17,11 +17,11 @@ import logging
 import threading
 
 from study.errors import first_line
+from sweeps.lock_holder import BEAT_S
 from sweeps.preflight import SweepError, _masked
 
 NAMESPACE = int.from_bytes(b"swdl", "big")  # the first key of every driver lock: sweeps' own
 PREFIX = "sweeps-driver "
-BEAT_S = 10.0
 KEEPALIVE = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
              "keepalives_count": 3}
 HOLDER = """SELECT a.application_name, a.pid, host(a.client_addr),

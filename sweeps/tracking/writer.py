@@ -128,14 +128,14 @@ class Writer:
                     return
                 key = self.queues[lane].popleft()
                 self.queued.discard(key)
-                events, handler = self.pending.pop(key), self.handlers[key]
+                events, handler = self.pending.pop(key), self.handlers.pop(key)
                 self.busy[lane], self.in_flight[lane] = key, events
             taken = len(events)
             try:
                 handler(events)  # removes each event from `events` once it is written
             except Exception as err:
                 with self.lock:
-                    self._put_back(lane, key, events, taken)
+                    self._put_back(lane, key, events, taken, handler)
                     if not unreachable(err):
                         self.failure = err
                         self.lock.notify_all()
@@ -152,12 +152,14 @@ class Writer:
                                 time.monotonic() - self.outage_since, self.waiting)
                     self.outage_since = None
 
-    def _put_back(self, lane: int, key: str, events: list[Event], taken: int) -> None:
+    def _put_back(self, lane: int, key: str, events: list[Event], taken: int,
+                  handler: Handler | None = None) -> None:
         """After a handler: its unwritten `events` go back before any posted since, first on the
         lane (nothing of the lane overtakes them); the written ones are counted off."""
         self.busy[lane], self.in_flight[lane] = None, []
         self.waiting -= taken - len(events)
         if events:
+            self.handlers.setdefault(key, handler)  # a later post's, else this one's
             self.pending[key] = events + self.pending.get(key, [])
             self.queues[lane].appendleft(key)
             self.queued.add(key)
