@@ -190,20 +190,23 @@ def tune_pace_snapshots(decide) -> None:
     times (`ray.tune.execution.experiment_state._ExperimentCheckpointManager.on_trial_checkpoint`,
     which sets `_should_force_sync_up`; the last snapshot's files are in
     `_storage.experiment_driver_staging_path`). No public option paces it while `num_to_keep` is
-    set. For this process, from now on."""
+    set. The size is read once per snapshot (`_last_save_time` changes), not at every checkpoint:
+    the staging folder also holds a folder per trial. For this process, from now on."""
     manager = _from("ray", "ray.tune.execution.experiment_state", "_ExperimentCheckpointManager")
     _attribute("ray", manager, "on_trial_checkpoint",
                "ray.tune.execution.experiment_state._ExperimentCheckpointManager.on_trial_checkpoint")
 
     def on_trial_checkpoint(self, trial) -> None:
-        storage = _attribute("ray", self, "_storage", "ray.tune.execution.experiment_state."
-                             "_ExperimentCheckpointManager._storage")
-        _attribute("ray", self, "_should_force_sync_up", "ray.tune.execution.experiment_state."
-                   "_ExperimentCheckpointManager._should_force_sync_up")
-        staging = Path(storage.experiment_driver_staging_path)
-        size = sum(p.stat().st_size for p in staging.iterdir() if p.is_file()) \
-            if staging.is_dir() else 0
-        if decide(size):
+        where = "ray.tune.execution.experiment_state._ExperimentCheckpointManager."
+        storage = _attribute("ray", self, "_storage", where + "_storage")
+        saved = _attribute("ray", self, "_last_save_time", where + "_last_save_time")
+        _attribute("ray", self, "_should_force_sync_up", where + "_should_force_sync_up")
+        if getattr(self, "_study_sized_at", None) != saved:  # a snapshot since the last size
+            staging = Path(storage.experiment_driver_staging_path)
+            self._study_size = sum(p.stat().st_size for p in staging.iterdir() if p.is_file()) \
+                if staging.is_dir() else 0
+            self._study_sized_at = saved
+        if decide(self._study_size):
             self._should_force_sync_up = True
 
     manager.on_trial_checkpoint = on_trial_checkpoint

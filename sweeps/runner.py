@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from study import compat
@@ -75,6 +75,7 @@ def run_locked(spec: SweepSpec, settings: Settings, dataset, ray_start_s: float 
         client.log_metric(parent, "time/ray_start_s", ray_start_s)
     path = storage_join(settings.storage, spec.sweep_id)
     resumed = tune.Tuner.can_restore(path)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the loggers are `ray_loggers()`
     print(f"sweep {spec.sweep_id}: {spec.num_trials} trials, {'resuming' if resumed else 'new'}"
           f"{f', {stale} stale runs closed' if stale else ''}; storage {path}; MLflow "
           f"{settings.tracking_uri} experiment {spec.experiment!r}", flush=True)
@@ -255,15 +256,12 @@ def run_config(spec: SweepSpec, settings: Settings, callbacks) -> tune.RunConfig
 
 
 def ray_loggers() -> list[tune.Callback]:
-    """The per-trial loggers Ray Tune would append after the given callbacks (result.json,
-    progress.csv, TensorBoard where tensorboardX is installed), given explicitly so that they come
-    before `KeepWhatRayReads` and log every key."""
-    if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0") == "1":
-        return []
-    loggers = [CSVLoggerCallback(), JsonLoggerCallback()]
-    with contextlib.suppress(ImportError):  # no tensorboardX
-        loggers.append(TBXLoggerCallback())
-    return loggers
+    """Ray Tune's per-trial loggers (result.json, progress.csv), given explicitly so that they come
+    before `KeepWhatRayReads` and log every key; `run_locked` turns off the ones Ray Tune would
+    add, among them its TensorBoard logger (where tensorboardX is installed, as `ray[tune]`
+    installs it), which writes and flushes an event file per trial-epoch on Ray Tune's loop for
+    a view the MLflow UI gives."""
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
 class KeepWhatRayReads(tune.Callback):

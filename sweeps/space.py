@@ -57,6 +57,14 @@ class StudySearch(OptunaSearch):
         super().restore(checkpoint_path)
         forget_orphans(self)
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Nothing: the study is told each trial's final score at its end (`on_trial_complete`).
+        Ray's OptunaSearch writes every epoch's score to the study as an intermediate value, a
+        storage round trip in Ray Tune's loop per trial-epoch, for Optuna's pruners, which the
+        sweeps do not use (Ray Tune's scheduler stops trials), and for TPE, which reads them of
+        PRUNED trials only (a trial that ended without a score; without them it ranks below
+        every pruned trial with one). The curves are in MLflow."""
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         """Ray's OptunaSearch, then the finished trial's Optuna handle is dropped: Ray keeps one

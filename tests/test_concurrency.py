@@ -165,6 +165,25 @@ def test_a_searcher_sweep_is_limited_by_max_concurrent_or_the_cluster(concurrenc
     assert type(inner) is StudySearch
 
 
+def test_the_study_is_told_each_trial_once_not_each_epoch(tmp_path, monkeypatch):
+    """Epoch results go to Ray Tune's scheduler, not to the study: no storage write per
+    trial-epoch on Ray Tune's loop; the study gets each trial's final score at its end."""
+    sweep, url = spec(TPE, 2), f"sqlite:///{tmp_path}/optuna.db"
+    searcher = StudySearch(space=space.DefineByRun(sweep), metric=SCORE, mode="max",
+                           sampler=space.sampler(sweep), study_name="s",
+                           storage=space.study_storage(url))
+    writes = []
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_intermediate_value",
+                        lambda *args: writes.append(args))
+    assert searcher.suggest("t1")
+    for epoch in range(1, 6):
+        searcher.on_trial_result("t1", {SCORE: epoch / 10, "training_iteration": epoch})
+    searcher.on_trial_complete("t1", {SCORE: 0.4, "training_iteration": 5})
+    [trial] = optuna.load_study(study_name="s", storage=url).trials
+    assert writes == [] and trial.intermediate_values == {}
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.4
+
+
 # --- the sampler
 
 

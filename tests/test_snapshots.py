@@ -4,9 +4,12 @@ after every trial checkpoint (issue 24); small sweeps still snapshot after every
 import json
 import subprocess
 import sys
+import types
 
 import pytest
+from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
+from study import compat
 from sweeps.snapshots import Pacing
 
 from .conftest import ROOT
@@ -25,6 +28,28 @@ def test_a_large_state_is_snapshot_within_its_budget_per_trial_epoch():
     taken = [epoch for epoch in range(1, 20_001) if pacing.after_checkpoint(10_000_000)]
     assert len(taken) * 10_000_000 <= 5_000 * 20_000
     assert len(taken) == 10 and max(b - a for a, b in zip(taken, taken[1:], strict=False)) <= 2_000
+
+
+def test_the_state_is_sized_once_per_snapshot_not_at_every_checkpoint(tmp_path, monkeypatch):
+    """The pacing reads the size of the last snapshot (the staging folder's files) only after a
+    new snapshot: the folder also holds a folder per trial, too many to list per trial-epoch."""
+    manager_class = _ExperimentCheckpointManager  # its hook is put back after the test
+    monkeypatch.setattr(manager_class, "on_trial_checkpoint", manager_class.on_trial_checkpoint)
+    sizes = []
+    compat.tune_pace_snapshots(lambda size: sizes.append(size) or size > 200)
+    state = tmp_path / "experiment_state-1.json"
+    state.write_bytes(b"x" * 100)
+    (tmp_path / "trial_0").mkdir()
+    manager = types.SimpleNamespace(
+        _storage=types.SimpleNamespace(experiment_driver_staging_path=str(tmp_path)),
+        _last_save_time=1.0, _should_force_sync_up=False)
+    manager_class.on_trial_checkpoint(manager, None)
+    state.write_bytes(b"x" * 300)
+    manager_class.on_trial_checkpoint(manager, None)  # no snapshot since: the size read before
+    assert sizes == [100, 100] and not manager._should_force_sync_up
+    manager._last_save_time = 2.0
+    manager_class.on_trial_checkpoint(manager, None)
+    assert sizes == [100, 100, 300] and manager._should_force_sync_up
 
 
 SNAPSHOTS = """

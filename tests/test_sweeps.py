@@ -184,6 +184,8 @@ def test_a_trial_killed_mid_epoch_resumes_from_its_checkpoint(tmp_path):
     assert epochs == sorted(set(epochs)) and epochs[-1] == 6  # no epoch trained twice, none lost
     restarts = [r for r in records if r["iterations_since_restore"] == 1 and r["epoch"] > 1]
     assert restarts, "the retried trial started from scratch instead of its checkpoint"
+    [trial_dir] = {p.parent for p in storage.glob("*/*/result.json")}
+    assert (trial_dir / "progress.csv").is_file() and not list(trial_dir.glob("events.out.*"))
     [child] = assert_complete(spec, env)
     assert child.info.status == "FINISHED" and steps(env, child) == [1, 2, 3, 4, 5, 6]
 
