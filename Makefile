@@ -41,8 +41,8 @@ JOB_ENV = {"env_vars": {$(JOB_SET)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)
   "excludes": [".venv", "runs", ".cache", ".git", "paper/runs"]}
 
 # In the order they run: the learning-rate selection, the tables' sweeps at the selected rates, the
-# CNN's selection (t1_cnn.yaml joins once it has chosen).
-PAPER_SPECS := $(foreach s,lr_select lr_select_wide t1_mlp t1_gated t1_bottleneck t3_ablations t2_grid lr_select_cnn,\
+# CNN's selection and its table at the rates it chose.
+PAPER_SPECS := $(foreach s,lr_select lr_select_wide t1_mlp t1_gated t1_bottleneck t3_ablations t2_grid lr_select_cnn t1_cnn,\
   sweeps/specs/$(s).yaml)
 # The size of the specs that sweep, paper-sweeps, paper and tables use. SIZE=full: the specs as
 # written (converged training on the full data, about 4 hours on 2 cores); SIZE=quick: their `quick:`

@@ -2,7 +2,7 @@
 
     LR  learning-rate selection (lr-select, lr-select-wide, lr-select-cnn): the monitored
         validation accuracy of each variant and architecture at each rate, the rate selected
-    T1  main results (t1-mlp, t1-gated, t1-bottleneck, at the selected rates): accuracy per
+    T1  main results (t1-mlp, t1-gated, t1-bottleneck, t1-cnn, at the selected rates): accuracy per
         architecture x variant, the binary-eval pivot, threshold 0 against recalibrated thresholds,
         T4 diagnostics of the tested weights and T5 cost (from the same runs), learning curves
     T2  the p x slope x cutoff grid (t2-grid): grid tables, best setting per architecture, axis and
@@ -37,10 +37,9 @@ from analysis.tables import (
 )
 from sweeps.spec import SIZES
 
-# The experiments (one per spec) of each part of the paper, tabulated together. (T1 on the CNN,
-# t1-cnn, joins once lr-select-cnn has chosen its rates.)
+# The experiments (one per spec) of each part of the paper, tabulated together.
 PARTS = {"lr": ("lr-select", "lr-select-wide", "lr-select-cnn"),
-         "t1": ("t1-mlp", "t1-gated", "t1-bottleneck"),
+         "t1": ("t1-mlp", "t1-gated", "t1-bottleneck", "t1-cnn"),
          "t2": ("t2-grid",), "t3": ("t3-ablations",)}
 # the file-name prefixes of what each part makes (T4 and T5 come from the T1 runs)
 OUTPUTS = {"lr": ("lr_",), "t1": ("t1_", "t4_", "t5_"), "t2": ("t2_",), "t3": ("t3_",),

@@ -216,7 +216,7 @@ def test_each_size_reads_its_own_experiments_into_its_own_folder():
     assert paper.experiments("smoke") == {k: tuple(f"{v}-smoke" for v in names)
                                           for k, names in PARTS.items()}
     assert paper.experiments("quick")["t1"] == ("t1-mlp-quick", "t1-gated-quick",
-                                                "t1-bottleneck-quick")
+                                                "t1-bottleneck-quick", "t1-cnn-quick")
     with pytest.raises(ValueError, match="unknown size 'big'"):
         paper.experiments("big")
     assert [paper.spec_name(e) for e in ("t1-cnn", "t1-mlp-smoke", "t2-grid-quick", "other-quick")] == [

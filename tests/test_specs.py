@@ -382,6 +382,7 @@ SHIPPED_IDS = {
     "sweeps/specs/t1_mlp.yaml": ("t1-mlp-89ca2a57", "t1-mlp-smoke-c9fdbb85"),
     "sweeps/specs/t1_gated.yaml": ("t1-gated-4a6e9c97", "t1-gated-smoke-04c8494e"),
     "sweeps/specs/t1_bottleneck.yaml": ("t1-bottleneck-4303e7ec", "t1-bottleneck-smoke-ac9e0c77"),
+    "sweeps/specs/t1_cnn.yaml": ("t1-cnn-10e9f8a6", "t1-cnn-smoke-d8b951ea"),
     "sweeps/specs/t2_grid.yaml": ("t2-grid-5e11eb5a", "t2-grid-smoke-561ddc3c"),
     "sweeps/specs/t3_ablations.yaml": ("t3-ablations-d176afc1", "t3-ablations-smoke-8c3a744f"),
     "tests/specs/cluster_16.yaml": ("cluster-16-76c75f2f", None),
@@ -410,6 +411,7 @@ PAPER_QUICK = {"lr_select": (14, [100], "lr-select-quick-2cd27f94"),
                "t1_mlp": (21, [0, 1, 2], "t1-mlp-quick-d98e5577"),
                "t1_gated": (21, [0, 1, 2], "t1-gated-quick-37764c5b"),
                "t1_bottleneck": (21, [0, 1, 2], "t1-bottleneck-quick-5adfc7c2"),
+               "t1_cnn": (10, [0, 1], "t1-cnn-quick-096b6b19"),
                "t2_grid": (48, [20], "t2-grid-quick-5e634a0c"),
                "t3_ablations": (18, [30, 31, 32], "t3-ablations-quick-91cb9348")}
 
