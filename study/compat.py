@@ -246,6 +246,18 @@ def tune_staging_path(controller) -> str:
     return storage.experiment_driver_staging_path
 
 
+def tune_trial_folder(trial) -> tuple[Any, str] | None:
+    """The file system and path of a trial's folder in the storage, where its checkpoint_NNNNNN
+    folders are (`Trial.storage`, a `ray.train._internal.storage.StorageContext`:
+    `storage_filesystem`, `trial_fs_path`); None before Ray Tune has named the folder."""
+    storage = _attribute("ray", trial, "storage", "ray.tune.experiment.Trial.storage")
+    if storage is None or getattr(storage, "trial_dir_name", None) is None:
+        return None
+    return (_attribute("ray", storage, "storage_filesystem",
+                       "ray.train._internal.storage.StorageContext.storage_filesystem"),
+            storage.trial_fs_path)
+
+
 def tune_mark_to_checkpoint(controller, trial) -> None:
     """Have Ray Tune's driver include `trial` in its next snapshot of the experiment
     (`TuneController._mark_trial_to_checkpoint`), as it does itself when a trial's state changes:

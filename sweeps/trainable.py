@@ -190,13 +190,26 @@ def _epochs(checkpoint: tune.Checkpoint) -> int:
 def _siblings(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
     """The trial's checkpoint_NNNNNN folders beside `checkpoint` (itself too, if it exists),
     newest first."""
+    return trial_checkpoints(checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0])
+
+
+def trial_checkpoints(filesystem, folder: str) -> list[tune.Checkpoint]:
+    """The checkpoint_NNNNNN folders in a trial's `folder` (a pyarrow file system's path), newest
+    first."""
     from pyarrow import fs
 
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    found = [info.path for info in checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return []
+    found = [info.path for info in infos
              if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
-    return [tune.Checkpoint(path, filesystem=checkpoint.filesystem)
-            for path in sorted(found, reverse=True)]
+    return [tune.Checkpoint(path, filesystem=filesystem) for path in sorted(found, reverse=True)]
+
+
+def newest_saved(filesystem, folder: str) -> tune.Checkpoint | None:
+    """The newest checkpoint in a trial's folder whose history reads (None: none saved yet)."""
+    return next((c for c in trial_checkpoints(filesystem, folder) if _epochs(c) >= 0), None)
 
 
 def peak_rss_mb() -> float:

@@ -101,7 +101,8 @@ def test_the_tracker_finds_the_sweeps_runs_once_not_once_per_trial(tmp_path, mon
         monkeypatch.setattr(module, "find_runs", lambda *a: searches.append(a) or find_runs(*a))
     tracker = tracking.MlflowTracker(SPEC, uri, exp, parent.info.run_id, {"sweep.id": SPEC.sweep_id})
     trials = [SimpleNamespace(trial_id=f"t{i:02d}", config={"activation.p": i / 30, "seed": 0},
-                              status="RUNNING", checkpoint=None) for i in range(30)]
+                              status="RUNNING", checkpoint=None, storage=None)
+              for i in range(30)]
     for i, trial in enumerate(trials):
         tracker.on_trial_start(0, trials, trial)
         tracker.on_trial_result(1, trials, trial, {"epoch": 1, "train/loss": 1.0,

@@ -2,7 +2,9 @@
 server in order, say what is left, surface bugs; closing tags come from the run's history."""
 
 import dataclasses
+import json
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +21,7 @@ SPEC = parse_spec({"name": "tracked", "fixed": {"data.name": "synthetic", "budge
 
 def trial(trial_id="t1", status="RUNNING"):
     return SimpleNamespace(trial_id=trial_id, config={"activation.p": 0.5, "seed": 0},
-                           status=status, checkpoint=None)
+                           status=status, checkpoint=None, storage=None)
 
 
 def result(epoch):
@@ -107,6 +109,36 @@ def test_closing_again_brings_stale_tags_up_to_date(store):
     tags = client.get_run(run.info.run_id).data.tags
     assert (tags["trial.epochs"], tags["trial.stopped_early"], tags["trial.ended"]) == (
         "3", "false", "budget")
+
+
+def test_a_trial_cut_short_before_ray_registered_its_checkpoint_keeps_the_saved_history(
+        store, tmp_path):
+    """Stopped between an epoch's result and Ray Tune's registering of the checkpoint the worker
+    saved after it: the run's history.json is that of the newest checkpoint in the trial's folder
+    whose history reads (a newer one cut off mid-write is passed over)."""
+    from pyarrow import fs
+
+    uri, client, exp, parent = store
+    folder = tmp_path / "trial_folder"
+    for name, history in (("checkpoint_000000", [{"epoch": 1}]),
+                          ("checkpoint_000001", [{"epoch": 1}, {"epoch": 2}]),
+                          ("checkpoint_000002", None)):
+        (folder / name).mkdir(parents=True)
+        if history is not None:
+            (folder / name / "history.json").write_text(json.dumps(history))
+    tracker = tracker_for(store)
+    one = trial()
+    one.storage = SimpleNamespace(trial_dir_name="trial_folder", trial_fs_path=str(folder),
+                                  storage_filesystem=fs.LocalFileSystem())
+    tracker.on_trial_start(0, [one], one)
+    for epoch in (1, 2):
+        tracker.on_trial_result(epoch, [one], one, result(epoch))
+    one.status = "TERMINATED"
+    tracker.on_experiment_end([one])
+    [run] = client.search_runs([exp], "tags.`trial.id` = 't1'")
+    assert run.info.status == "KILLED" and run.data.tags["trial.epochs"] == "2"
+    saved = client.download_artifacts(run.info.run_id, "history.json", str(tmp_path))
+    assert [h["epoch"] for h in json.loads(Path(saved).read_text())] == [1, 2]
 
 
 def test_a_trial_cut_short_is_killed_and_its_next_start_reopens_it(store):

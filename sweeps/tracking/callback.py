@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from ray import tune
 
+from study import compat
 from sweeps.preflight import error_line
 from sweeps.spec import SweepSpec
 from sweeps.tracking.dataset import DatasetRecord
@@ -122,9 +123,10 @@ class MlflowTracker(tune.Callback):
 
     def _post_close(self, trial, error: str | None, interrupted: bool,
                     only_if_open: bool = False) -> None:
-        checkpoint = getattr(trial, "checkpoint", None)
+        checkpoint = getattr(trial, "checkpoint", None)  # the latest Ray Tune registered
+        folder = compat.tune_trial_folder(trial) if checkpoint is None else None
         self._post_trial(trial.trial_id, "close", Close(dict(trial.config), checkpoint, error,
-                                                        interrupted, only_if_open))
+                                                        interrupted, only_if_open, folder))
 
     def _post_summary(self, event: tuple, wait: bool = True) -> None:
         self.writer.post(PARENT, "summary", event, self._summarize, wait=wait)

@@ -23,7 +23,7 @@ from sweeps.tracking.dataset import DatasetRecord
 from sweeps.tracking.provenance import continued
 from sweeps.tracking.store import find_runs, interrupted_tags
 from sweeps.tracking.summary import Summary, setting_id
-from sweeps.trainable import MODEL_FILE, SCORE
+from sweeps.trainable import MODEL_FILE, SCORE, newest_saved
 
 LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, CALIBRATED, *TRIAL_CONSTANTS, SCORE,
                   "trial/diverged", "worker/peak_rss_mb", "worker/gpu_peak_mb")
@@ -52,6 +52,8 @@ class Close:
     error: str | None
     interrupted: bool
     only_if_open: bool = False  # a trial restored as ended: close it only if it is not closed
+    folder: tuple[Any, str] | None = None  # without a checkpoint: the trial's folder (file
+    # system, path), whose newest saved checkpoint Ray Tune had not registered yet, if any
 
 
 class TrialRuns:
@@ -252,7 +254,10 @@ class TrialRuns:
             closing["trial.failure"] = close.error
         self.log_batch(run_id, metrics, tags | closing)
         self.remember(run_id, metrics, tags)  # written: a replay after an outage skips them
-        self.artifacts(run_id, close.config, close.checkpoint)
+        checkpoint = close.checkpoint
+        if checkpoint is None and close.folder is not None:
+            checkpoint = newest_saved(*close.folder)
+        self.artifacts(run_id, close.config, checkpoint)
         self.client.set_terminated(run_id, status=status)
         facts.closed = status != "KILLED"
         self.ended(trial_id, ended)
