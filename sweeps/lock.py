@@ -44,6 +44,7 @@ from sweeps.lock_holder import (
 from sweeps.preflight import SweepError, _masked, storage_join
 
 SETTLE_S = 2.0
+BEAT_WAIT_S = 30.0  # a release waits this long at most for a heartbeat write under way
 SETTING = "STUDY_DRIVER_LOCK"
 HELD = (errno.EACCES, errno.EAGAIN)  # lockf's answers when another process holds the lock
 
@@ -97,6 +98,7 @@ class DriverLock:
         self.token = uuid.uuid4().hex
         self._file = None
         self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
         self._elsewhere = _chosen(self.place, sweep_id)
 
     def acquire(self) -> DriverLock:
@@ -132,6 +134,8 @@ class DriverLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._beating is not None:  # a beat under way would write the object again after
+            self._beating.join(timeout=BEAT_WAIT_S)  # its deletion below
         if self._elsewhere is not None:
             self._elsewhere.release()
         elif self._file is not None:
@@ -215,7 +219,9 @@ class DriverLock:
             winner = self._read_object()
             if winner.get("token") != self.token:
                 raise SweepLocked(self._refusal(winner))
-        threading.Thread(target=self._beat, args=(info,), daemon=True, name="sweep-lock").start()
+        self._beating = threading.Thread(target=self._beat, args=(info,), daemon=True,
+                                         name="sweep-lock")
+        self._beating.start()
         return self
 
     def _beat(self, info: dict) -> None:

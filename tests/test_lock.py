@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -268,3 +269,30 @@ def test_bad_values_of_the_setting_are_one_line(value, storage, expected, monkey
         Settings.from_env()
     line = str(refused.value)
     assert line.startswith("STUDY_DRIVER_LOCK") and expected in line and "\n" not in line
+
+
+def test_releasing_an_object_lock_waits_for_a_heartbeat_under_way(monkeypatch):
+    """A heartbeat write under way when the driver releases its lock on an object store ends
+    before the object is deleted: it cannot write the lock back after the release."""
+    monkeypatch.setattr(lock_module, "BEAT_S", 0.05)
+    monkeypatch.setattr(lock_module, "SETTLE_S", 0.0)
+    held, beating = {}, threading.Event()
+    lock = DriverLock("s3://bucket/prefix", "sweep-1", LockPlace.parse("", "s3://bucket/prefix"))
+
+    def write(info):
+        if threading.current_thread().name == "sweep-lock":  # a beat: slow, as on a loaded store
+            beating.set()
+            time.sleep(0.5)
+        held["object"] = json.dumps(info)
+
+    monkeypatch.setattr(lock, "held_elsewhere", lambda: None)
+    monkeypatch.setattr(lock, "_write_object", write)
+    monkeypatch.setattr(lock, "_read_object", lambda: json.loads(held.get("object", "{}")))
+    monkeypatch.setattr(lock, "_object_path", lambda: "bucket/prefix/.drivers/sweep-1.lock")
+    monkeypatch.setattr(lock, "_fs", lambda: types.SimpleNamespace(
+        delete_file=lambda path: held.pop("object")))
+    lock.acquire()
+    assert beating.wait(5)
+    lock.release()
+    time.sleep(0.6)  # past the slow beat's write
+    assert "object" not in held
