@@ -198,18 +198,19 @@ def trial_checkpoints(filesystem, folder: str) -> list[tune.Checkpoint]:
     first."""
     from pyarrow import fs
 
-    try:
-        infos = filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
-    except OSError:
-        return []
+    infos = filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
     found = [info.path for info in infos
              if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")]
     return [tune.Checkpoint(path, filesystem=filesystem) for path in sorted(found, reverse=True)]
 
 
 def newest_saved(filesystem, folder: str) -> tune.Checkpoint | None:
-    """The newest checkpoint in a trial's folder whose history reads (None: none saved yet)."""
-    return next((c for c in trial_checkpoints(filesystem, folder) if _epochs(c) >= 0), None)
+    """The newest checkpoint in a trial's folder whose history reads (None: none saved yet, or
+    the folder cannot be read)."""
+    try:
+        return next((c for c in trial_checkpoints(filesystem, folder) if _epochs(c) >= 0), None)
+    except OSError:
+        return None
 
 
 def peak_rss_mb() -> float:
