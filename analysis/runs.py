@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 
-from study import compat
+from analysis.histories import histories
 from study.errors import StudyError
 from study.names import EPOCH_METRICS, FINAL_METRICS, TEST_EPOCH, TRIAL_CONSTANTS
 
@@ -44,14 +42,6 @@ EXPORTED_TAGS = ("sweep.id", "sweep.role", "sweep.size", "trial.id", "trial.vari
 _ORDER = ["experiment", "tags.sweep.id", "tags.sweep.role", "tags.trial.id", "run_id"]
 COMPLETE = "FINISHED"  # the parent run's status once its sweep ran to its end
 NO_PARENT = "no parent run"
-# Metric histories are read in bulk, one key at a time (`_histories`). A SQL store: one query per
-# chunk of runs, under SQLite's 32,766 bound variables (SQL Server's 2,100), of at most SQL_MAX_RESULTS
-# rows (a full answer is split, `_bulk`). SQLite's planner answers it from the primary key (key,
-# timestamp, ...), reading every row of the key in the store per query: few, large chunks keep the
-# load linear in the runs. A tracking server's get-history-bulk endpoint takes at most 100 runs and
-# answers at most 25,000 rows per request.
-SQL_CHUNK, MSSQL_CHUNK, SQL_MAX_RESULTS = 30_000, 2_000, 1_000_000
-REST_CHUNK, REST_MAX_RESULTS = 100, 25_000
 
 
 class SelectionError(StudyError, ValueError):
@@ -97,7 +87,7 @@ def from_mlflow(tracking_uri: str, experiments: list[str], sweeps: Iterable[str]
     runs = refuse_open(select(_typed(pd.DataFrame(rows), empty), sweeps), sweeps, read_running)
     wanted = {key: list(runs.trials.loc[runs.trials[column].notna(), "run_id"])
               for key in HISTORY_KEYS if (column := f"metrics.{key}") in runs.trials}
-    history = pd.DataFrame(_histories(client, wanted), columns=empty.columns)
+    history = pd.DataFrame(histories(client, wanted), columns=empty.columns)
     return Runs(runs.trials, runs.parents, _typed_history(history), runs.selection, runs.running)
 
 
@@ -152,62 +142,6 @@ def refuse_open(runs: Runs, named: Iterable[str] = (), read_running: bool = Fals
 def _open(counts: dict[str, int]) -> str:
     return ", ".join(f"sweep {sweep} ({n} RUNNING run{'s' if n > 1 else ''})"
                      for sweep, n in sorted(counts.items()))
-
-
-def _histories(client, wanted: dict[str, list[str]]) -> list[tuple]:
-    """(run_id, key, step, value) of every logged value of each key of its runs (`wanted`), each
-    run's in its store's order (time, step, value). SQL stores and tracking servers are read in bulk,
-    a query per key and chunk of runs (linear in the runs); other stores, a query per run and key."""
-    reader = _bulk_reader(client)
-    if reader is None:
-        return [row for key, ids in wanted.items() for run_id in ids
-                for row in _one_run(client, run_id, key)]
-    fetch, chunk, limit = reader
-    return [row for key, ids in wanted.items() for start in range(0, len(ids), chunk)
-            for row in _bulk(client, fetch, ids[start:start + chunk], key, limit)]
-
-
-def _bulk_reader(client) -> tuple[Callable, int, int] | None:
-    """(fetch(run_ids, key, limit) -> rows, runs per fetch, rows per fetch), or None for a store
-    without a bulk read (file store, Databricks...)."""
-    if urlparse(client.tracking_uri).scheme in ("http", "https"):
-        from mlflow.utils.credentials import get_default_host_creds
-
-        # the credentials and TLS settings MLflow's own REST client uses (MLFLOW_TRACKING_TOKEN...)
-        creds = get_default_host_creds(client.tracking_uri)
-        return partial(_rest_fetch, creds), REST_CHUNK, REST_MAX_RESULTS
-    store = compat.mlflow_store(client)
-    if not hasattr(store, "get_metric_history_bulk"):  # only the SQL stores (SqlAlchemyStore) have it
-        return None
-    return (partial(_sql_fetch, store), MSSQL_CHUNK if store.db_type == "mssql" else SQL_CHUNK,
-            SQL_MAX_RESULTS)
-
-
-def _bulk(client, fetch: Callable, run_ids: list[str], key: str, limit: int) -> list[tuple]:
-    """The rows of `key` of `run_ids` in one fetch; when it comes back full (perhaps cut at
-    `limit`), those of each half of the runs, down to one run read page by page."""
-    rows = fetch(run_ids, key, limit)
-    if len(rows) < limit:
-        return rows
-    if len(run_ids) == 1:
-        return _one_run(client, run_ids[0], key)
-    half = len(run_ids) // 2
-    return (_bulk(client, fetch, run_ids[:half], key, limit)
-            + _bulk(client, fetch, run_ids[half:], key, limit))
-
-
-def _one_run(client, run_id: str, key: str) -> list[tuple]:
-    return [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
-
-
-def _sql_fetch(store, run_ids: list[str], key: str, limit: int) -> list[tuple]:
-    return [(m.run_id, key, m.step, m.value)
-            for m in store.get_metric_history_bulk(run_ids, key, max_results=limit)]
-
-
-def _rest_fetch(host_creds, run_ids: list[str], key: str, limit: int) -> list[tuple]:
-    return [(m["run_id"], key, m["step"], m["value"])
-            for m in compat.mlflow_server_history_bulk(host_creds, run_ids, key, limit)]
 
 
 def _every_run(client, experiment_id: str, page: int = 10_000) -> list:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import requests
 
-from analysis import runs
+from analysis import histories, runs
 
 from .sweep_helpers import stop_group
 from .test_selection import EXP, LATEST, records, to_store, trial
@@ -34,7 +34,7 @@ def shaped_records():
 def per_run(uri: str, monkeypatch, experiment: str = EXP) -> runs.Runs:
     """What `load` read before the bulk reads: each run's history of each key, one call each."""
     with monkeypatch.context() as patch:
-        patch.setattr(runs, "_bulk_reader", lambda client: None)
+        patch.setattr(histories, "_bulk_reader", lambda client: None)
         return runs.load(uri, [experiment])
 
 
@@ -61,11 +61,12 @@ def test_the_reference_history_holds_the_hard_cases(store, monkeypatch):
     assert history["run_id"].nunique() == 7
 
 
-@pytest.mark.parametrize("chunk, limit", [(runs.SQL_CHUNK, runs.SQL_MAX_RESULTS), (2, 1000), (2, 3)])
+@pytest.mark.parametrize("chunk, limit", [(histories.SQL_CHUNK, histories.SQL_MAX_RESULTS),
+                                          (2, 1000), (2, 3)])
 def test_sqlite_bulk_reads_give_the_frames_of_per_run_reads(store, monkeypatch, chunk, limit):
     """In one chunk; in chunks of two runs; with answers cut at three rows (halves, then one run)."""
-    monkeypatch.setattr(runs, "SQL_CHUNK", chunk)
-    monkeypatch.setattr(runs, "SQL_MAX_RESULTS", limit)
+    monkeypatch.setattr(histories, "SQL_CHUNK", chunk)
+    monkeypatch.setattr(histories, "SQL_MAX_RESULTS", limit)
     assert_same(runs.load(store[1], [EXP]), per_run(store[1], monkeypatch))
 
 
@@ -112,9 +113,9 @@ def test_a_tracking_server_gives_the_frames_of_its_sqlite_store(store, tmp_path,
     uri = store[1]
     direct = runs.load(uri, [EXP])
     with mlflow_server(uri, tmp_path) as url:
-        for chunk, limit in ((runs.REST_CHUNK, runs.REST_MAX_RESULTS), (2, 3)):
-            monkeypatch.setattr(runs, "REST_CHUNK", chunk)
-            monkeypatch.setattr(runs, "REST_MAX_RESULTS", limit)
+        for chunk, limit in ((histories.REST_CHUNK, histories.REST_MAX_RESULTS), (2, 3)):
+            monkeypatch.setattr(histories, "REST_CHUNK", chunk)
+            monkeypatch.setattr(histories, "REST_MAX_RESULTS", limit)
             assert_same(runs.load(url, [EXP]), direct)
 
 
