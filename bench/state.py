@@ -322,7 +322,7 @@ def tracker_time(n: int, driven: int, folder: Path) -> dict[str, float]:
     tracker.writer.post = timed
 
     def one_trial(index: int) -> None:
-        trial = SimpleNamespace(trial_id=f"{index:08x}", status="RUNNING", checkpoint=None,
+        trial = SimpleNamespace(trial_id=f"{index:08x}", status="RUNNING", checkpoint=None, storage=None,
                                 config={"activation.p": rng.random(), "seed": 0})
         trials.append(trial)
         result = {**made_up_metrics(1, 1, rng), "trial/placement": json.dumps({"cpus": 1}),
@@ -342,7 +342,7 @@ def tracker_time(n: int, driven: int, folder: Path) -> dict[str, float]:
         tracker.trial_runs.runs.update(copies)
         for trial_id in copies:
             trials.append(SimpleNamespace(trial_id=trial_id, status="TERMINATED", checkpoint=None,
-                                          config={}))
+                                          storage=None, config={}))
             tracker.seen.add(trial_id)
             tracker.ended.add(trial_id)
         tracker.summary.seed(tracking.find_runs(client, exp_id, {"sweep.id": spec.sweep_id,

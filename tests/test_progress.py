@@ -28,7 +28,7 @@ LINE = re.compile(rf"^\[\d\d:\d\d:\d\d\] {SPEC.sweep_id}: (?:(?P<event>[^;]+); )
 
 def trial(trial_id, status="RUNNING", last_result=None):
     return SimpleNamespace(trial_id=trial_id, config={"activation.p": 0.5, "seed": 0}, status=status,
-                           checkpoint=None, last_result=last_result or {})
+                           checkpoint=None, storage=None, last_result=last_result or {})
 
 
 def result(epoch, score):
