@@ -360,3 +360,63 @@ def test_a_write_replayed_after_an_outage_loses_and_doubles_nothing(store, monke
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert (run.info.status, run.data.tags["trial.epochs"]) == ("FINISHED", "3")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json"}
+
+
+def test_runs_logging_a_dataset_new_to_the_experiment_at_once_both_get_it(store):
+    """The store looks for the dataset, then inserts it: two writers that both looked first both
+    insert, and the second fails on the unique key (as two lanes against a server did in CI)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from sweeps.tracking.dataset import DatasetRecord
+
+    uri, client, exp, _ = store
+    record = DatasetRecord("fashion_mnist", "0123456789abcdef", "/data", (("train", 1),))
+    runs = [client.create_run(exp).info.run_id for _ in range(2)]
+    both_looked = threading.Barrier(2, timeout=30)
+    inserts = []
+
+    def before_insert(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO datasets"):
+            inserts.append(statement)
+            both_looked.wait()  # each writer has found no such dataset
+
+    errors = []
+
+    def log(run_id):
+        try:
+            record.log_to(MlflowClient(uri), run_id)
+        except Exception as err:  # noqa: BLE001 - the assertion names it
+            errors.append(err)
+
+    event.listen(Engine, "before_cursor_execute", before_insert)
+    try:
+        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        event.remove(Engine, "before_cursor_execute", before_insert)
+    assert len(inserts) == 2 and not errors, errors
+    for run_id in runs:
+        [used] = client.get_run(run_id).inputs.dataset_inputs
+        assert used.dataset.digest == record.digest
+
+
+def test_a_dataset_write_refused_for_another_reason_is_raised():
+    from mlflow.exceptions import MlflowException
+
+    from sweeps.tracking.dataset import DatasetRecord
+
+    class Refusing:
+        calls = 0
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            raise MlflowException("RESOURCE_DOES_NOT_EXIST: run 'r' not found")
+
+    client = Refusing()
+    with pytest.raises(MlflowException, match="not found"):
+        DatasetRecord("d", "0" * 16, "/data", ()).log_to(client, "r")
+    assert client.calls == 1

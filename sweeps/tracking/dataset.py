@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass
 
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
+
+INSERT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -33,3 +36,25 @@ class DatasetRecord:
         source = json.dumps({"uri": self.source})
         return DatasetInput(Dataset(self.name, self.digest, "local", source, profile=profile),
                             tags=[InputTag("mlflow.data.context", "training")])
+
+    def log_to(self, client, run_id: str) -> None:
+        """The dataset as the run's input. MLflow's SQL store looks for the dataset in the run's
+        experiment and inserts it if absent (`SqlAlchemyStore._log_inputs_impl`, mlflow 3.17.2),
+        so two runs logging a dataset new to the experiment at once (a server's writer lanes,
+        two sweeps) may both insert it, and one fails on the datasets' unique key. The dataset
+        is in the store then: logging again links it."""
+        for attempt in range(1, INSERT_ATTEMPTS + 1):
+            try:
+                client.log_inputs(run_id, datasets=[self.input()])
+                return
+            except MlflowException as err:
+                if attempt == INSERT_ATTEMPTS or not inserted_twice(err):
+                    raise
+
+
+def inserted_twice(err: MlflowException) -> bool:
+    """The store refused a dataset row another writer inserted first (PostgreSQL's
+    UniqueViolation, MySQL's duplicate entry, SQLite's UNIQUE constraint, as the store or a
+    server words them)."""
+    message = str(err).lower()
+    return "dataset" in message and ("duplicate" in message or "unique constraint" in message)

@@ -132,7 +132,7 @@ class TrialRuns:
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in missing.items()],
                                   tags=[RunTag(k, v) for k, v in tags.items()])
         if self.dataset is not None and not run.inputs.dataset_inputs:  # as with the params
-            self.client.log_inputs(run_id, datasets=[self.dataset.input()])
+            self.dataset.log_to(self.client, run_id)
         if start and run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
         for stale in ("trial.ended", "trial.failure"):  # of the previous attempt
@@ -164,7 +164,7 @@ class TrialRuns:
         self.summary.settings[trial_id] = settings
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         if self.dataset is not None:
-            self.client.log_inputs(run_id, datasets=[self.dataset.input()])
+            self.dataset.log_to(self.client, run_id)
         return run_id
 
     def find(self, trial_id: str):
