@@ -194,10 +194,11 @@ def accuracy_table(runs: Runs, name: str, title: str, by: list[str], variants: l
 
 def pivot_table(runs: Runs, name: str, title: str, rows: str, columns: str, metric: str,
                 order: list[str]) -> Table:
-    """`metric` (mean +- std over seeds) with `rows` down and `columns` across."""
+    """`metric` (mean +- std over seeds) with `rows` down and `columns` across; "—" where a row
+    has no runs of a column (a variant an architecture's spec leaves out)."""
     agg = aggregate(finished(runs), [rows, columns], {"m": metric})
     agg["cell"] = [pm(m, s) for m, s in zip(agg["m.mean"], agg["m.std"], strict=True)]
-    wide = agg.pivot(index=rows, columns=columns, values="cell")
+    wide = agg.pivot(index=rows, columns=columns, values="cell").fillna("—")
     wide = wide[[c for c in order if c in wide.columns]]
     wide = wide.loc[[r for r in ARCH_ORDER if r in wide.index] or sorted(wide.index)]
     frame = wide.reset_index().rename(columns={rows: _label(rows)})

@@ -67,3 +67,19 @@ def test_diagnostics_are_those_of_the_tested_weights():
     frame = diagnostics_table(runs(), "t4", "T4", ["p0.25", "p0.75"]).frame.set_index("variant")
     assert frame.loc["p0.25", "saturated"].startswith("0.200")
     assert frame.loc["p0.75", "saturated"].startswith("0.600")
+
+
+def test_a_variant_an_architecture_did_not_run_is_a_dash_in_the_pivot():
+    from analysis.tables import pivot_table
+
+    both = runs()
+    only_one = both.trials[both.trials["params.activation.p"] == 0.25].assign(**{
+        "params.model.arch": "cnn", "run_id": lambda f: "cnn-" + f["run_id"]})
+    history = both.history[both.history["run_id"].isin(only_one["run_id"].str[4:])].assign(
+        run_id=lambda f: "cnn-" + f["run_id"])
+    table = pivot_table(Runs(pd.concat([both.trials, only_one]), both.parents,
+                             pd.concat([both.history, history])),
+                        "t1_binary", "binary", "params.model.arch", "tags.trial.variant",
+                        "metrics.test/accuracy_binary", ["p0.25", "p0.75"]).frame
+    cnn = table[table["architecture"] == "cnn"].iloc[0]
+    assert cnn["p0.75"] == "—" and cnn["p0.25"] != "—"
