@@ -45,7 +45,7 @@ JOB_ENV = {"env_vars": {$(JOB_SET)"MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)
 PAPER_SPECS := $(foreach s,lr_select lr_select_wide t1_mlp t1_gated t1_bottleneck t3_ablations t2_grid lr_select_cnn t1_cnn,\
   sweeps/specs/$(s).yaml)
 # The size of the specs that sweep, paper-sweeps, paper and tables use. SIZE=full: the specs as
-# written (converged training on the full data, about 4 hours on 2 cores); SIZE=quick: their `quick:`
+# written (converged training on the full data, about 11 hours on 2 cores); SIZE=quick: their `quick:`
 # sections (the paper's sweeps at 6 epochs on 20,000 images, about 20 minutes: a laptop check);
 # SIZE=smoke: their `smoke:` sections (CI's size, about 2 minutes). SMOKE=1 is SIZE=smoke.
 SIZE ?= $(if $(SMOKE),smoke,full)
