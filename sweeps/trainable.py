@@ -56,6 +56,10 @@ TIME_ATTR = "epoch"  # the scheduler's time attribute (ASHA), and the epoch the 
 # with a patience at its best epoch by `budget.monitor` (the weights it keeps), else at its latest.
 # Ranking on the last report instead would judge a plateaued trial k epochs past its best.
 SCORE = "trial/score"
+# The epochs a restored checkpoint holds (its history: one dict of metrics per epoch), reported
+# once, with the first result after the restore: a driver stopped at once can give up MLflow
+# writes of epochs its trials had already checkpointed, and the tracker logs them from here.
+RESTORED = "restored_history"
 
 
 def ray_keeps(result: dict[str, Any]) -> list[str]:
@@ -93,6 +97,7 @@ class StudyTrial(tune.Trainable):
         from study.train import Trainer
 
         self.cleanup()  # let the previous trial's model go before the next one is built
+        self.restored_epochs = None  # a reused worker's next trial restored nothing
         runtime.reset_gpu_peaks(self.devices)  # this trial's peak, not the worker's
         self.trainer = Trainer(self.spec.trial_config(sampled), dataset=self.dataset,
                                devices=self.devices)
@@ -113,7 +118,13 @@ class StudyTrial(tune.Trainable):
         return {**metrics, SCORE: self.score(), "trial/placement": self.placement,
                 "done": self.trainer.done,
                 "trial/gpu_share": str(self.spec.resources.gpus), "worker/peak_rss_mb": peak_rss_mb(),
-                **gpu_peak_mb(self.devices)}
+                **gpu_peak_mb(self.devices), **self.restored_report()}
+
+    def restored_report(self) -> dict[str, list[dict[str, float]]]:
+        """`RESTORED` and the restored history, in the first result after a restore only.
+        (Not `_restored`: Ray's Trainable has an attribute of that name.)"""
+        epochs, self.restored_epochs = getattr(self, "restored_epochs", None), None
+        return {RESTORED: epochs} if epochs else {}
 
     def score(self) -> float:
         """`SCORE` after the latest epoch."""
@@ -161,6 +172,7 @@ class StudyTrial(tune.Trainable):
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         self.trainer.restore(checkpoint_dir)
+        self.restored_epochs = [dict(epoch) for epoch in self.trainer.history]
 
     def cleanup(self) -> None:
         if getattr(self, "trainer", None) is not None:

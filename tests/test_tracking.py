@@ -420,3 +420,32 @@ def test_a_dataset_write_refused_for_another_reason_is_raised():
     with pytest.raises(MlflowException, match="not found"):
         DatasetRecord("d", "0" * 16, "/data", ()).log_to(client, "r")
     assert client.calls == 1
+
+
+def test_epochs_a_driver_stopped_at_once_gave_up_are_logged_from_the_restored_history(store):
+    """Epochs 1-2 reached MLflow; the driver, stopped at once, gave up 3-4, which the trial had
+    checkpointed. Resumed from epoch 4, the trial's first result (epoch 5) carries the restored
+    history: the run gets every epoch once."""
+    from sweeps.trainable import RESTORED
+
+    uri, client, _, _ = store
+    first = tracker_for(store)
+    one = trial()
+    first.on_trial_start(0, [one], one)
+    for epoch in (1, 2):
+        first.on_trial_result(epoch, [one], one, result(epoch))
+    assert first.writer.flush(60) == []
+    [run_id] = first.trial_runs.runs.values()
+
+    resumed = tracker_for(store)
+    resumed.on_trial_start(0, [one], one)
+    restored = [result(epoch) for epoch in (1, 2, 3, 4)]
+    resumed.on_trial_result(5, [one], one, {**result(5), RESTORED: restored})
+    resumed.on_trial_result(6, [one], one, result(6))
+    one.status = "TERMINATED"
+    resumed.on_trial_complete(6, [one], one)
+    assert resumed.writer.flush(60) == []
+    losses = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]
+    assert {m.step: m.value for m in losses}[3] == pytest.approx(1 / 3)
+    assert client.get_run(run_id).data.tags["trial.epochs"] == "6"

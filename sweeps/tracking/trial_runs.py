@@ -23,7 +23,7 @@ from sweeps.tracking.dataset import DatasetRecord
 from sweeps.tracking.provenance import continued
 from sweeps.tracking.store import find_runs, interrupted_tags
 from sweeps.tracking.summary import Summary, setting_id
-from sweeps.trainable import MODEL_FILE, SCORE, newest_saved
+from sweeps.trainable import MODEL_FILE, RESTORED, SCORE, newest_saved
 
 LOGGED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS, TEST_EPOCH, CALIBRATED, *TRIAL_CONSTANTS, SCORE,
                   "trial/diverged", "worker/peak_rss_mb", "worker/gpu_peak_mb")
@@ -196,18 +196,22 @@ class TrialRuns:
 
     def batch(self, run_id: str, results: list[Result]) -> tuple[list[Metric], dict]:
         """The metrics and tags of the results not yet logged (a retried trial re-reports the
-        epochs after its checkpoint); of a tag, the latest value."""
+        epochs after its checkpoint), with the epochs before a result that the run lacks taken
+        from the history the trial restored (`RESTORED`: writes a driver stopped at once gave
+        up); of a tag, the latest value."""
         facts, metrics, tags = self.facts[run_id], [], {}
         last = max(facts.steps, default=0)
         for _, result, timestamp in results:
-            step = int(result.get("epoch", 0))
-            if step <= last:
-                continue
-            last = step
-            metrics += [Metric(k, float(result[k]), timestamp, step) for k in LOGGED_METRICS
-                        if isinstance(result.get(k), int | float)]
-            tags |= {k.replace("/", "."): v for k, v in result.items()
-                     if k.startswith("trial/") and isinstance(v, str)}
+            for epoch in [*result.get(RESTORED, ()), result]:
+                step = int(epoch.get("epoch", 0))
+                if step <= last:
+                    continue
+                last = step
+                metrics += [Metric(k, float(epoch[k]), timestamp, step) for k in LOGGED_METRICS
+                            if isinstance(epoch.get(k), int | float)]
+                if epoch is result:
+                    tags |= {k.replace("/", "."): v for k, v in result.items()
+                             if k.startswith("trial/") and isinstance(v, str)}
         return metrics, tags
 
     def log_batch(self, run_id: str, metrics: list[Metric], tags: dict[str, str]) -> None:
