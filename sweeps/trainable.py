@@ -123,7 +123,7 @@ class StudyTrial(tune.Trainable):
     def restored_report(self) -> dict[str, list[dict[str, float]]]:
         """`RESTORED` and the restored history, in the first result after a restore only.
         (Not `_restored`: Ray's Trainable has an attribute of that name.)"""
-        epochs, self.restored_epochs = getattr(self, "restored_epochs", None), None
+        epochs, self.restored_epochs = self.restored_epochs, None  # set by _start, then restores
         return {RESTORED: epochs} if epochs else {}
 
     def score(self) -> float:
